@@ -1,0 +1,246 @@
+"""Traces the training step on fake tensors and returns what happened to every storage.
+
+The user's model is never touched: its module tree is deep-copied with every parameter, buffer and tensor
+attribute replaced by a fake tensor of the same shape (``copy.deepcopy`` with a pre-filled memo), so no
+real memory is allocated, and the copy gets the hooks that attribute allocations to modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .options import Category, Options, Phase, TensorSpec
+from .step import build_optimizer, make_inputs, run_steps
+from .targets import TARGETS, Target
+from .tracer import ModuleCall, StorageRecord, StorageTracker
+
+
+class TraceError(RuntimeError):
+    """The model could not be run on fake tensors; the message names the module and the op."""
+
+
+@dataclass
+class ModuleInfo:
+    name: str
+    type: str
+    depth: int
+    params: list[torch.Tensor] = field(default_factory=list)  # fake parameters it owns directly
+    output_shape: tuple | None = None
+
+
+@dataclass
+class Trace:
+    target: Target
+    records: list[StorageRecord]
+    events: list[tuple[int, bool]]
+    event_ops: list[int]
+    phase_starts: list[tuple[Phase, int, int]]  # (phase, iteration, first event index)
+    modules: list[ModuleInfo]
+    param_records: dict[str, StorageRecord]  # parameter name -> its storage
+    grad_records: dict[str, list[StorageRecord]]
+    state_records: dict[str, list[StorageRecord]]
+    param_owner: dict[str, str]
+    assumptions: list
+    op_count: int
+
+
+@contextlib.contextmanager
+def _preserved_rng():
+    cpu = torch.get_rng_state()
+    py = random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        random.setstate(py)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _fake_like(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    dt = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+    return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=dt, device="cpu")
+
+
+def _fake_copy(model: torch.nn.Module, options: Options, tracker: StorageTracker) -> torch.nn.Module:
+    """Deep-copy ``model`` with fake tensors, created in the order ``Module.to()`` moves them (children
+    first, then parameters, then buffers), so the allocator model sees the same sequence."""
+    memo: dict[int, object] = {}
+
+    def visit(module: torch.nn.Module) -> None:
+        for child in module.children():
+            visit(child)
+        tracker.where.birth = Category.PARAMETER
+        for p in module._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = torch.nn.Parameter(_fake_like(p, options.dtype), requires_grad=p.requires_grad)
+        tracker.where.birth = Category.BUFFER
+        for b in module._buffers.values():
+            if b is not None and id(b) not in memo:
+                memo[id(b)] = _fake_like(b, options.dtype)
+        for value in vars(module).values():  # plain tensor attributes are moved by nothing, but copied
+            if isinstance(value, torch.Tensor) and id(value) not in memo:
+                memo[id(value)] = _fake_like(value, None)
+
+    visit(model)
+    tracker.where.birth = None
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:
+        raise TraceError(f"cannot copy {type(model).__name__} to fake tensors: {exc}") from exc
+
+
+def _module_infos(model: torch.nn.Module) -> list[ModuleInfo]:
+    infos = []
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        info = ModuleInfo(name, type(module).__name__, 0 if not name else name.count(".") + 1)
+        for p in module._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                info.params.append(p)
+        infos.append(info)
+    return infos
+
+
+def _shape_of(out) -> tuple | None:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return tuple(out[0].shape)
+    for name in ("logits", "last_hidden_state"):
+        t = getattr(out, name, None)
+        if isinstance(t, torch.Tensor):
+            return tuple(t.shape)
+    return None
+
+
+def _install_hooks(model, infos, tracker) -> list:
+    handles = []
+    info_of = {i.name: i for i in infos}
+    for name, module in model.named_modules():
+        info = info_of[name]
+
+        def pre(mod, args, _name=name):
+            tracker.enter_module(_name, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+
+        def post(mod, args, out, _info=info):
+            if _info.output_shape is None:
+                _info.output_shape = _shape_of(out)
+            tracker.exit_module()
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    return handles
+
+
+def trace(model: torch.nn.Module, options: Options) -> Trace:
+    target = TARGETS[options.device]
+    tracker = StorageTracker(target.rules.ops)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    phase_starts: list[tuple[Phase, int, int]] = []
+    grad_records: dict[str, list[StorageRecord]] = {}
+    state_records: dict[str, list[StorageRecord]] = {}
+
+    with _preserved_rng(), fake_mode, tracker:
+        tracker.where = ModuleCall(Phase.SETUP, 0, None, "(setup)")
+        phase_starts.append((Phase.SETUP, 0, 0))
+        fake_model = _fake_copy(model, options, tracker)
+        fake_model.train(options.train)
+        infos = _module_infos(fake_model)
+        params = {name: p for name, p in fake_model.named_parameters()}
+        owner = {}
+        for info in infos:
+            for p in info.params:
+                owner[id(p)] = info.name
+        name_of = {id(p): n for n, p in params.items()}
+        tracker.param_module = owner
+        param_records = {n: tracker.record_of(p) for n, p in params.items()}
+
+        def on_grad(p):
+            rec = tracker.record_of(p.grad)
+            if rec is not None and rec.birth is None:
+                rec.role = Category.GRADIENT
+                recs = grad_records.setdefault(name_of[id(p)], [])
+                if rec not in recs:
+                    recs.append(rec)
+
+        handles = _install_hooks(fake_model, infos, tracker)
+        if options.train:
+            handles += [p.register_post_accumulate_grad_hook(on_grad) for p in params.values() if p.requires_grad]
+        optimizer = build_optimizer(options, list(params.values()), target.prepare_optimizer)
+        scaler = torch.amp.GradScaler("cpu") if (options.train and options.uses_grad_scaler) else None
+
+        def mark_optimizer_state():
+            if optimizer is None:
+                return
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    for key, value in optimizer.state.get(p, {}).items():
+                        if isinstance(value, torch.Tensor):
+                            rec = tracker.record_of(value)
+                            if rec is None or rec.birth is not None:
+                                continue
+                            rec.role = Category.OPTIMIZER_STATE
+                            rec.host = target.host_resident(optimizer, group, key, value)
+                            recs = state_records.setdefault(name_of.get(id(p), "?"), [])
+                            if rec not in recs:
+                                recs.append(rec)
+
+        def on_phase(phase: Phase, it: int) -> None:
+            mark_optimizer_state()
+            phase_starts.append((phase, it, len(tracker.events)))
+            tracker.where = ModuleCall(phase, it, None, "(optimizer)" if phase is Phase.OPTIMIZER else "(loss)")
+
+        def new_inputs():
+            tracker.where.birth, tracker.where.label = Category.INPUT, "(inputs)"
+            made = make_inputs(options.inputs, lambda s: torch.empty(s.shape, dtype=s.dtype, device="cpu"))
+            tracker.where.birth, tracker.where.label = None, "(loss)"
+            return made
+
+        def pack(t):
+            tracker.mark_saved(t)
+            return t
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                run_steps(fake_model, options, new_inputs, optimizer, scaler, "cpu", on_phase)
+        except Exception as exc:
+            raise _explain(exc, tracker) from exc
+        finally:
+            mark_optimizer_state()
+            for h in handles:
+                h.remove()
+        tracker.stop()
+    return Trace(
+        target=target, records=tracker.records, events=tracker.events, event_ops=tracker.event_ops,
+        phase_starts=phase_starts, modules=infos, param_records=param_records, grad_records=grad_records,
+        state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()},
+        assumptions=tracker.assumptions, op_count=tracker.op_count,
+    )
+
+
+def _explain(exc: Exception, tracker: StorageTracker) -> Exception:
+    from .step import LossError
+
+    if isinstance(exc, (LossError, TraceError)):
+        return exc
+    where = tracker.where
+    if tracker.module_stack:
+        name, shapes = tracker.module_stack[-1]
+        place = f"module '{name or '(root)'}' (input shapes {', '.join(str(list(s)) for s in shapes) or 'none'})"
+    else:
+        place = tracker.current_module()
+    op = tracker.last_op or "?"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return TraceError(
+        f"{where.phase.value} of iteration {where.iteration} failed in {place} at op {op}: "
+        f"{type(exc).__name__}: {first_line}"
+    )

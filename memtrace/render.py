@@ -1,0 +1,67 @@
+"""Turns a ``Report`` into text: a summary and the per-layer table (one ``tabulate`` call each)."""
+
+from __future__ import annotations
+
+from tabulate import tabulate
+
+from .options import Category
+from .units import format_bytes
+
+
+def _shape(shape) -> str:
+    return "-" if shape is None else "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _bytes(n: int) -> str:
+    return format_bytes(n) if n else "-"
+
+
+def layer_table(report, depth: int = 3, fmt: str = "simple") -> str:
+    rows = []
+    for row in report.layers:
+        if row.depth > depth:
+            continue
+        label = "  " * row.depth + (row.name.rsplit(".", 1)[-1] if row.name else row.type)
+        rows.append([
+            label, row.type, _shape(row.output_shape), f"{row.params:,}" if row.params else "-",
+            _bytes(row.param_bytes), _bytes(row.gradient_bytes), _bytes(row.optimizer_state_bytes),
+            _bytes(row.activation_bytes),
+        ])
+    headers = ["Layer", "Type", "Output shape", "Params", "Param mem", "Grad mem", "Optim state", "Activations"]
+    return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True,
+                    colalign=("left", "left", "left", "right", "right", "right", "right", "right"))
+
+
+def category_table(report, fmt: str = "simple") -> str:
+    peak = report.peak_bytes or 1
+    rows = [[c.value.replace("_", " "), format_bytes(n), f"{100 * n / peak:.1f}%"]
+            for c, n in report.by_category.items() if n or c is not Category.WORKSPACE]
+    rows.append(["total", format_bytes(report.peak_bytes), "100.0%"])
+    return tabulate(rows, headers=["At the peak", "Bytes", "Share"], tablefmt=fmt, disable_numparse=True,
+                    colalign=("left", "right", "right"))
+
+
+def summary(report) -> str:
+    s = report.settings
+    inputs = ", ".join(f"{i['key']}: [{', '.join(map(str, i['shape']))}] {i['dtype']}" for i in s["inputs"])
+    mode = "training" if s["train"] else "inference"
+    lines = [
+        f"memtrace: {report.model} — {report.param_count:,} parameters ({report.trainable_param_count:,} trainable)",
+        f"{mode} on {report.device} ({report.allocator} allocator model), optimizer {s['optimizer']}, "
+        f"amp {s['amp']}, dtype {s['dtype']}, {s['steps']} step(s); inputs {inputs}",
+        f"Predicted peak: {format_bytes(report.peak_bytes, 2)} ({report.peak_bytes:,} B) in iteration "
+        f"{report.peak.iteration}, {report.peak.phase.value}, at {report.peak.module or '(root)'} "
+        f"({report.peak.op})",
+    ]
+    if report.reserved_peak_bytes is not None:
+        lines.append(f"Reserved by the caching allocator (estimate): {format_bytes(report.reserved_peak_bytes, 2)}")
+    return "\n".join(lines)
+
+
+def render_report(report, depth: int = 3) -> str:
+    parts = [summary(report), "", category_table(report), "", layer_table(report, depth)]
+    if report.assumptions:
+        parts += ["", "Assumptions:"] + [f"  - {a}" for a in report.assumptions]
+    if report.notes:
+        parts += ["", "Notes:"] + [f"  - {n}" for n in report.notes]
+    return "\n".join(parts)

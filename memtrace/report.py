@@ -1,0 +1,284 @@
+"""The immutable result of one estimate, built from a ``Trace`` and an allocator model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import torch
+
+from .engine import Trace
+from .options import Category, Options, Phase
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One module; byte columns cover the module and everything below it."""
+
+    name: str  # dotted named_modules() path, "" for the root
+    type: str
+    depth: int
+    output_shape: tuple[int, ...] | None
+    params: int
+    param_bytes: int
+    gradient_bytes: int
+    optimizer_state_bytes: int
+    activation_bytes: int  # saved for backward by ops run inside it (first iteration)
+
+
+@dataclass(frozen=True)
+class Peak:
+    bytes: int
+    iteration: int
+    phase: Phase
+    module: str
+    op: str
+    event: int
+
+
+@dataclass(frozen=True)
+class PhaseSpan:
+    phase: Phase
+    iteration: int
+    start_event: int
+    end_event: int  # exclusive
+    peak_bytes: int
+
+
+@dataclass(frozen=True)
+class Allocation:
+    index: int
+    bytes: int  # charged by the allocator model
+    requested_bytes: int
+    category: Category
+    module: str
+    phase: Phase
+    iteration: int
+    op: str
+    alloc_event: int
+    free_event: int | None  # None: still live when the last iteration ended
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Allocated bytes after each allocation or free on the device, in the order they happened."""
+
+    ops: tuple[int, ...]  # index of the traced op at each event
+    allocated_bytes: tuple[int, ...]
+    phases: tuple[PhaseSpan, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    model: str
+    device: str
+    allocator: str
+    settings: Mapping[str, Any]
+    peak_bytes: int
+    peak: Peak
+    by_category: Mapping[Category, int]
+    layers: tuple[LayerRow, ...]
+    timeline: Timeline
+    allocations: tuple[Allocation, ...]
+    param_count: int
+    trainable_param_count: int
+    reserved_peak_bytes: int | None
+    traced_ops: int
+    assumptions: tuple[str, ...]
+    notes: tuple[str, ...]
+
+    def layer(self, name: str) -> LayerRow:
+        for row in self.layers:
+            if row.name == name:
+                return row
+        raise KeyError(f"no layer named {name!r}")
+
+    def to_dict(self, *, allocations: bool = True) -> dict[str, Any]:
+        d = {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model,
+            "device": self.device,
+            "allocator": self.allocator,
+            "settings": dict(self.settings),
+            "peak_bytes": self.peak_bytes,
+            "peak": {**asdict(self.peak), "phase": self.peak.phase.value},
+            "by_category": {c.value: n for c, n in self.by_category.items()},
+            "param_count": self.param_count,
+            "trainable_param_count": self.trainable_param_count,
+            "reserved_peak_bytes": self.reserved_peak_bytes,
+            "traced_ops": self.traced_ops,
+            "layers": [{**asdict(r), "output_shape": list(r.output_shape) if r.output_shape else None}
+                       for r in self.layers],
+            "timeline": {
+                "ops": list(self.timeline.ops),
+                "allocated_bytes": list(self.timeline.allocated_bytes),
+                "phases": [{**asdict(p), "phase": p.phase.value} for p in self.timeline.phases],
+            },
+            "assumptions": list(self.assumptions),
+            "notes": list(self.notes),
+        }
+        if allocations:
+            d["allocations"] = [
+                {**asdict(a), "category": a.category.value, "phase": a.phase.value} for a in self.allocations
+            ]
+        return d
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def table(self, depth: int = 3) -> str:
+        from .render import render_report
+
+        return render_report(self, depth=depth)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _settings(options: Options) -> dict[str, Any]:
+    return {
+        "optimizer": options.optimizer_name,
+        "optimizer_kwargs": {k: repr(v) for k, v in options.optimizer_kwargs.items()},
+        "amp": options.amp_name,
+        "dtype": str(options.dtype).removeprefix("torch."),
+        "steps": options.steps,
+        "train": options.train,
+        "inputs": [
+            {"key": s.key, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
+            for s in options.inputs
+        ],
+    }
+
+
+def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Report:
+    records = trace.records
+    device_events = [(i, a) for i, a in trace.events if not records[i].host]
+    position = {}  # record index -> (alloc position, free position) in the device timeline
+    sequence = []
+    ops = []
+    for pos, ((i, is_alloc), op) in enumerate(
+        (e, o) for e, o in zip(trace.events, trace.event_ops) if not records[e[0]].host
+    ):
+        sequence.append((i, records[i].nbytes, is_alloc))
+        ops.append(op)
+        position.setdefault(i, [pos, None])
+        if not is_alloc:
+            position[i][1] = pos
+    charges = trace.target.allocator.replay(sequence)
+    charged = charges.charged
+
+    totals = []
+    total = peak = 0
+    peak_pos = 0
+    for pos, (i, _, is_alloc) in enumerate(sequence):
+        total += charged[i] if is_alloc else -charged[i]
+        totals.append(total)
+        if total > peak:
+            peak, peak_pos = total, pos
+    peak_index = sequence[peak_pos][0] if sequence else None
+
+    allocations = tuple(
+        Allocation(
+            index=i, bytes=charged[i], requested_bytes=records[i].nbytes, category=records[i].category,
+            module=records[i].module, phase=records[i].phase, iteration=records[i].iteration,
+            op=records[i].op, alloc_event=a, free_event=f,
+        )
+        for i, (a, f) in position.items()
+    )
+    by_category = {c: 0 for c in Category}
+    for a in allocations:
+        if a.alloc_event <= peak_pos and (a.free_event is None or a.free_event > peak_pos):
+            by_category[a.category] += a.bytes
+    assert sum(by_category.values()) == peak
+
+    if peak_index is not None:
+        rec = records[peak_index]
+        peak_at = Peak(peak, rec.iteration, rec.phase, rec.module, rec.op, peak_pos)
+    else:
+        peak_at = Peak(0, 0, Phase.SETUP, "", "", 0)
+
+    spans = []
+    starts = [(ph, it, _device_pos(start, trace, records)) for ph, it, start in trace.phase_starts]
+    for k, (ph, it, start) in enumerate(starts):
+        end = starts[k + 1][2] if k + 1 < len(starts) else len(sequence)
+        span_peak = max(totals[start:end], default=totals[start - 1] if 0 < start <= len(totals) else 0)
+        spans.append(PhaseSpan(ph, it, start, end, span_peak))
+
+    layers = _layer_rows(trace, charged)
+    param_count = sum(p.numel() for p in _unique_params(model))
+    trainable = sum(p.numel() for p in _unique_params(model) if p.requires_grad)
+    notes = list(trace.target.notes)
+    assumptions = tuple(
+        f"{a.op} in {a.module or '(root)'} needs a data-dependent value; assumed {a.value!r}"
+        for a in _dedupe(trace.assumptions)
+    )
+    return Report(
+        model=type(model).__name__,
+        device=trace.target.name,
+        allocator=trace.target.allocator.name,
+        settings=MappingProxyType(_settings(options)),
+        peak_bytes=peak,
+        peak=peak_at,
+        by_category=MappingProxyType(by_category),
+        layers=layers,
+        timeline=Timeline(tuple(ops), tuple(totals), tuple(spans)),
+        allocations=allocations,
+        param_count=param_count,
+        trainable_param_count=trainable,
+        reserved_peak_bytes=charges.reserved_peak_bytes if trace.target.name == "cuda" else None,
+        traced_ops=trace.op_count,
+        assumptions=assumptions,
+        notes=tuple(notes),
+    )
+
+
+def _device_pos(event_index: int, trace: Trace, records) -> int:
+    """Position in the device timeline of the first device event at or after ``event_index``."""
+    return sum(1 for i, _ in trace.events[:event_index] if not records[i].host)
+
+
+def _dedupe(assumptions):
+    seen = set()
+    for a in assumptions:
+        key = (a.op, a.module)
+        if key not in seen:
+            seen.add(key)
+            yield a
+
+
+def _unique_params(model: torch.nn.Module):
+    return model.parameters()  # parameters() already yields each shared parameter once
+
+
+def _layer_rows(trace: Trace, charged: dict[int, int]) -> tuple[LayerRow, ...]:
+    own: dict[str, list[int]] = {m.name: [0, 0, 0, 0, 0] for m in trace.modules}
+    for pname, rec in trace.param_records.items():
+        mod = trace.param_owner[pname]
+        entry = own[mod]
+        entry[1] += charged.get(rec.index, 0)
+        grads = trace.grad_records.get(pname, [])
+        entry[2] += max((charged.get(r.index, 0) for r in grads), default=0)
+        entry[3] += sum(charged.get(r.index, 0) for r in trace.state_records.get(pname, []) if not r.host)
+    for m in trace.modules:
+        own[m.name][0] = sum(p.numel() for p in m.params)
+    outside: dict[str, int] = {}
+    for rec in trace.records:
+        if rec.category is Category.ACTIVATION and rec.iteration == 0 and rec.phase is Phase.FORWARD:
+            if rec.module in own:
+                own[rec.module][4] += charged.get(rec.index, 0)
+            else:
+                outside[rec.module] = outside.get(rec.module, 0) + charged.get(rec.index, 0)
+    rows = []
+    names = [m.name for m in trace.modules]
+    for m in trace.modules:
+        prefix = m.name + "."
+        sub = [n for n in names if n == m.name or not m.name or n.startswith(prefix)]
+        sums = [sum(own[n][k] for n in sub) for k in range(5)]
+        rows.append(LayerRow(m.name, m.type, m.depth, m.output_shape, *sums))
+    for label, nbytes in outside.items():
+        rows.append(LayerRow(label, "-", 1, None, 0, 0, 0, 0, nbytes))
+    return tuple(rows)

@@ -1,0 +1,109 @@
+"""The training step, written once and run both on fake tensors (to predict) and on real ones (to measure).
+
+Because prediction and measurement execute the same Python, the references the loop keeps alive
+(the previous iteration's output and loss while the next forward runs) are the same in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .options import Options, Phase, TensorSpec
+
+
+class LossError(ValueError):
+    pass
+
+
+def default_loss(output: Any, inputs: Any) -> torch.Tensor:
+    """``output.loss`` when the model computed one (Hugging Face with labels), else the mean of its first
+    floating-point tensor."""
+    loss = getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
+        return output["loss"]
+    for t in _tensors(output):
+        if t.is_floating_point():
+            return t.float().mean() if t.dtype in (torch.float16, torch.bfloat16) else t.mean()
+    raise LossError(f"the model returned {type(output).__name__} with no floating-point tensor; pass loss_fn=")
+
+
+def _tensors(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def make_inputs(specs: tuple[TensorSpec, ...], factory: Callable[[TensorSpec], torch.Tensor]):
+    """Build (args, kwargs, batch) for the model call from the input specs; ``batch`` is what ``loss_fn``
+    receives: the tensor, tuple or dict in the form the user gave it."""
+    args = [factory(s) for s in specs if isinstance(s.key, int)]
+    kwargs = {s.key: factory(s) for s in specs if isinstance(s.key, str)}
+    batch = kwargs if kwargs else (args[0] if len(args) == 1 else tuple(args))
+    return args, kwargs, batch
+
+
+def build_optimizer(options: Options, params: list[torch.nn.Parameter], adjust=None) -> torch.optim.Optimizer | None:
+    if options.optimizer is None:
+        return None
+    opt = options.optimizer(params, **options.optimizer_kwargs)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"optimizer callable returned {type(opt).__name__}, expected a torch.optim.Optimizer")
+    if adjust is not None:
+        adjust(opt)
+    return opt
+
+
+def autocast(options: Options, device_type: str):
+    if options.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=options.amp_dtype)
+
+
+def run_steps(
+    model: torch.nn.Module,
+    options: Options,
+    new_inputs: Callable[[], tuple[list, dict]],
+    optimizer: torch.optim.Optimizer | None,
+    scaler: Any,
+    autocast_device: str,
+    on_phase: Callable[[Phase, int], None] = lambda phase, it: None,
+) -> None:
+    """``options.steps`` iterations of forward, loss, backward, optimizer step and zero_grad."""
+    loss_fn = options.loss_fn or default_loss
+    grad_ctx = contextlib.nullcontext if options.train else torch.no_grad
+    out = loss = None  # kept alive across iterations, as in a user's loop
+    for it in range(options.steps):
+        on_phase(Phase.FORWARD, it)
+        args, kwargs, batch = new_inputs()
+        with grad_ctx(), autocast(options, autocast_device):
+            out = model(*args, **kwargs)
+            if not options.train:
+                continue
+            loss = loss_fn(out, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise LossError(f"loss_fn must return a scalar tensor, got {shape}")
+        on_phase(Phase.BACKWARD, it)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        on_phase(Phase.OPTIMIZER, it)
+        if optimizer is not None:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad()
+        else:
+            model.zero_grad(set_to_none=True)
+    del out, loss, args, kwargs, batch

@@ -1,0 +1,208 @@
+"""Records every storage the training step allocates and frees, on fake tensors.
+
+A ``TorchDispatchMode`` sits above ``FakeTensorMode``: each op's outputs are checked for storages it has
+not seen, and each new storage gets a weakref whose callback records the free when the last reference
+(a Python variable, an autograd node's saved tensor, an optimizer state) goes away. Views share their
+base's storage and in-place ops return an existing one, so neither is counted twice.
+
+Known limitations:
+- Temporaries that a kernel allocates and frees inside one op (oneDNN scratch, cuDNN workspaces) are not
+  seen; device rules model the ones that matter.
+- Data-dependent scalars (``.item()``, ``bool(tensor)``) have no value on fake tensors; the tracer answers
+  0 / False and lists each such place in the report's assumptions.
+"""
+
+from __future__ import annotations
+
+import bisect
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .options import Category, Phase
+
+try:  # the exception FakeTensorMode raises for .item() on data it does not have
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+except ImportError:  # pragma: no cover
+    DataDependentOutputException = RuntimeError
+
+_ACCUMULATE_GRAD = "torch::autograd::AccumulateGrad"
+
+
+@dataclass
+class StorageRecord:
+    """One allocation, filled in while tracing (mutable), frozen into the report afterwards."""
+
+    index: int
+    nbytes: int
+    birth: Category | None  # set for parameters, buffers and inputs at creation
+    module: str
+    phase: Phase
+    iteration: int
+    op: str
+    alloc_event: int
+    free_event: int | None = None
+    saved: bool = False  # saved for backward by an autograd node
+    role: Category | None = None  # gradient or optimizer state, learnt after birth
+    host: bool = False  # lives in host memory on the target device (e.g. Adam's step counter on CUDA)
+
+    @property
+    def category(self) -> Category:
+        if self.birth is not None:
+            return self.birth
+        if self.role is not None:
+            return self.role
+        return Category.ACTIVATION if self.saved else Category.TEMPORARY
+
+
+@dataclass
+class Assumption:
+    op: str
+    module: str
+    value: object
+
+
+@dataclass
+class ModuleCall:
+    """Where the tracer is: which module runs, in which phase and iteration."""
+
+    phase: Phase = Phase.SETUP
+    iteration: int = 0
+    birth: Category | None = None
+    label: str = "(setup)"
+
+
+class StorageTracker(TorchDispatchMode):
+    def __init__(self, dispatch_rules=None):
+        super().__init__()
+        self.records: list[StorageRecord] = []
+        # the allocation order: (record index, True) for an allocation, (record index, False) for its free
+        self.events: list[tuple[int, bool]] = []
+        self.event_ops: list[int] = []
+        self.op_count = 0
+        self.recording = True
+        self.assumptions: list[Assumption] = []
+        self.where = ModuleCall()
+        self.module_stack: list[tuple[str, tuple]] = []
+        self.last_op: str | None = None
+        self.dispatch_rules = dispatch_rules or {}
+        # storage key -> (weakref whose callback records the free, records of that storage)
+        self._live: dict[int, tuple[weakref.ref, list[StorageRecord]]] = {}
+        # backward attribution: autograd sequence numbers at which the innermost module changed
+        self._seq_marks: list[int] = []
+        self._seq_names: list[str] = []
+        self.param_module: dict[int, str] = {}
+
+    # ---- ops -----------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.last_op = str(func)
+        rule = self.dispatch_rules.get(func)
+        try:
+            out = rule(func, args, kwargs) if rule is not None else func(*args, **kwargs)
+        except DataDependentOutputException:
+            out = self._assume(func, args)
+        self.op_count += 1
+        if self.recording:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self._see(t, func)
+        return out
+
+    def _assume(self, func, args):
+        value: object = 0
+        if args and isinstance(args[0], torch.Tensor):
+            dtype = args[0].dtype
+            value = False if dtype == torch.bool else (0.0 if dtype.is_floating_point else 0)
+        self.assumptions.append(Assumption(str(func), self.current_module(), value))
+        return value
+
+    def _see(self, t: torch.Tensor, func) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        entry = self._live.get(key)
+        if entry is None:
+            self._live[key] = entry = (weakref.ref(st, self._freed_callback(key)), [])
+            self._alloc(entry[1], st.nbytes(), func)
+            return
+        grown = st.nbytes() - sum(r.nbytes for r in entry[1])
+        if grown > 0:  # resize_ grew a storage in place: the growth is a new allocation
+            self._alloc(entry[1], grown, func)
+
+    def _alloc(self, group: list[StorageRecord], nbytes: int, func) -> None:
+        where = self.where
+        rec = StorageRecord(
+            index=len(self.records), nbytes=nbytes, birth=where.birth, module=self.current_module(),
+            phase=where.phase, iteration=where.iteration, op=str(func), alloc_event=len(self.events),
+        )
+        self.records.append(rec)
+        self.events.append((rec.index, True))
+        self.event_ops.append(self.op_count)
+        group.append(rec)
+
+    def _freed_callback(self, key):
+        def freed(_ref):
+            _, group = self._live.pop(key, (None, ()))
+            if not self.recording:
+                return
+            for rec in group:
+                rec.free_event = len(self.events)
+                self.events.append((rec.index, False))
+                self.event_ops.append(self.op_count)
+        return freed
+
+    # ---- where we are ------------------------------------------------------------------------
+    def record_of(self, t: torch.Tensor) -> StorageRecord | None:
+        entry = self._live.get(t.untyped_storage()._cdata)
+        return entry[1][0] if entry and entry[1] else None
+
+    def current_module(self) -> str:
+        where = self.where
+        if where.phase is Phase.BACKWARD:
+            return self._backward_module()
+        if self.module_stack:
+            return self.module_stack[-1][0]
+        return where.label
+
+    def _backward_module(self) -> str:
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return "(backward)"
+        if node.name() == _ACCUMULATE_GRAD:
+            return self.param_module.get(id(node.variable), "(backward)")
+        i = bisect.bisect_right(self._seq_marks, node._sequence_nr()) - 1
+        return self._seq_names[i] if i >= 0 else "(loss)"
+
+    def enter_module(self, name: str, shapes: tuple) -> None:
+        self.module_stack.append((name, shapes))
+        self._mark_seq(name)
+
+    def exit_module(self) -> None:
+        if self.module_stack:
+            self.module_stack.pop()
+        self._mark_seq(self.module_stack[-1][0] if self.module_stack else "(loss)")
+
+    def _mark_seq(self, name: str) -> None:
+        seq = torch.autograd._get_sequence_nr()
+        if self._seq_marks and self._seq_marks[-1] == seq:
+            self._seq_names[-1] = name
+        else:
+            self._seq_marks.append(seq)
+            self._seq_names.append(name)
+
+    def mark_saved(self, t: torch.Tensor) -> None:
+        rec = self.record_of(t)
+        if rec is not None:
+            rec.saved = True
+
+    def mark_role(self, t: torch.Tensor, role: Category, host: bool = False) -> None:
+        rec = self.record_of(t)
+        if rec is not None and rec.birth is None:
+            rec.role = role
+            rec.host = rec.host or host
+
+    def stop(self) -> None:
+        self.recording = False
