@@ -185,7 +185,7 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
         Allocation(
             index=i, bytes=charged[i], requested_bytes=records[i].nbytes, category=records[i].category,
             module=records[i].module, phase=records[i].phase, iteration=records[i].iteration,
-            op=records[i].op, alloc_event=a, free_event=f,
+            op=str(records[i].op), alloc_event=a, free_event=f,
         )
         for i, (a, f) in position.items()
     )
@@ -197,7 +197,7 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
 
     if peak_index is not None:
         rec = records[peak_index]
-        peak_at = Peak(peak, rec.iteration, rec.phase, rec.module, rec.op, peak_pos)
+        peak_at = Peak(peak, rec.iteration, rec.phase, rec.module, str(rec.op), peak_pos)
     else:
         peak_at = Peak(0, 0, Phase.SETUP, "", "", 0)
 

@@ -42,7 +42,7 @@ class StorageRecord:
     module: str
     phase: Phase
     iteration: int
-    op: str
+    op: object  # the OpOverload that allocated it
     alloc_event: int
     free_event: int | None = None
     saved: bool = False  # saved for backward by an autograd node
@@ -87,7 +87,7 @@ class StorageTracker(TorchDispatchMode):
         self.assumptions: list[Assumption] = []
         self.where = ModuleCall()
         self.module_stack: list[tuple[str, tuple]] = []
-        self.last_op: str | None = None
+        self.last_op = None  # the op running when something fails, for the error message
         self.dispatch_rules = dispatch_rules or {}
         # storage key -> (weakref whose callback records the free, records of that storage)
         self._live: dict[int, tuple[weakref.ref, list[StorageRecord]]] = {}
@@ -99,7 +99,7 @@ class StorageTracker(TorchDispatchMode):
     # ---- ops -----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.last_op = str(func)
+        self.last_op = func
         rule = self.dispatch_rules.get(func)
         try:
             out = rule(func, args, kwargs) if rule is not None else func(*args, **kwargs)
@@ -107,9 +107,15 @@ class StorageTracker(TorchDispatchMode):
             out = self._assume(func, args)
         self.op_count += 1
         if self.recording:
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
+            if isinstance(out, torch.Tensor):
+                self._see(out, func)
+            elif isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
+                for t in out:
                     self._see(t, func)
+            else:
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        self._see(t, func)
         return out
 
     def _assume(self, func, args):
@@ -136,7 +142,7 @@ class StorageTracker(TorchDispatchMode):
         where = self.where
         rec = StorageRecord(
             index=len(self.records), nbytes=nbytes, birth=where.birth, module=self.current_module(),
-            phase=where.phase, iteration=where.iteration, op=str(func), alloc_event=len(self.events),
+            phase=where.phase, iteration=where.iteration, op=func, alloc_event=len(self.events),
         )
         self.records.append(rec)
         self.events.append((rec.index, True))
