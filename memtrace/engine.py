@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -111,14 +112,18 @@ def _module_infos(model: torch.nn.Module) -> list[ModuleInfo]:
 
 
 def _shape_of(out) -> tuple | None:
+    """The shape shown for a module's output: the tensor, the first of a tuple, or the logits / hidden
+    state of a dict-like output (Hugging Face ``ModelOutput`` is both a dict and has attributes)."""
     if isinstance(out, torch.Tensor):
         return tuple(out.shape)
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return tuple(out[0].shape)
-    for name in ("logits", "last_hidden_state"):
-        t = getattr(out, name, None)
-        if isinstance(t, torch.Tensor):
-            return tuple(t.shape)
+    if isinstance(out, Mapping):
+        for name in ("logits", "last_hidden_state"):
+            if isinstance(out.get(name), torch.Tensor):
+                return tuple(out[name].shape)
+        first = next((v for v in out.values() if isinstance(v, torch.Tensor)), None)
+        return tuple(first.shape) if first is not None else None
     return None
 
 
@@ -238,7 +243,7 @@ def _explain(exc: Exception, tracker: StorageTracker) -> Exception:
         place = f"module '{name or '(root)'}' (input shapes {', '.join(str(list(s)) for s in shapes) or 'none'})"
     else:
         place = tracker.current_module()
-    op = tracker.last_op or "?"
+    op = str(tracker.last_op) if tracker.last_op is not None else "?"
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return TraceError(
         f"{where.phase.value} of iteration {where.iteration} failed in {place} at op {op}: "
