@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,18 @@ def _preserved_rng():
         random.setstate(py)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log():
+    """FakeTensorMode logs a traceback for every failing meta kernel; the TraceError says it in a line."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _fake_like(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -134,7 +147,8 @@ def _install_hooks(model, infos, tracker) -> list:
         info = info_of[name]
 
         def pre(mod, args, _name=name):
-            tracker.enter_module(_name, tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+            tracker.enter_module(_name, (type(mod).__name__, shapes))
 
         def post(mod, args, out, _info=info):
             if _info.output_shape is None:
@@ -154,7 +168,7 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
     grad_records: dict[str, list[StorageRecord]] = {}
     state_records: dict[str, list[StorageRecord]] = {}
 
-    with _preserved_rng(), fake_mode, tracker:
+    with _preserved_rng(), _quiet_fake_tensor_log(), fake_mode, tracker:
         tracker.where = ModuleCall(Phase.SETUP, 0, None, "(setup)")
         phase_starts.append((Phase.SETUP, 0, 0))
         fake_model = _fake_copy(model, options, tracker)
@@ -239,13 +253,17 @@ def _explain(exc: Exception, tracker: StorageTracker) -> Exception:
         return exc
     where = tracker.where
     if tracker.module_stack:
-        name, shapes = tracker.module_stack[-1]
-        place = f"module '{name or '(root)'}' (input shapes {', '.join(str(list(s)) for s in shapes) or 'none'})"
+        name, (kind, shapes) = tracker.module_stack[-1]
+        shown = ", ".join(str(list(s)) for s in shapes) or "none"
+        place = f"module '{name or '(root)'}' ({kind}, input shapes {shown})"
     else:
         place = tracker.current_module()
     op = str(tracker.last_op) if tracker.last_op is not None else "?"
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    hint = ""
+    if type(exc).__name__ == "DynamicOutputShapeException":
+        hint = " (its output shape depends on tensor values, which fake tensors do not have)"
     return TraceError(
-        f"{where.phase.value} of iteration {where.iteration} failed in {place} at op {op}: "
+        f"{where.phase.value} of iteration {where.iteration} failed in {place} at op {op}{hint}: "
         f"{type(exc).__name__}: {first_line}"
     )

@@ -86,7 +86,7 @@ class StorageTracker(TorchDispatchMode):
         self.recording = True
         self.assumptions: list[Assumption] = []
         self.where = ModuleCall()
-        self.module_stack: list[tuple[str, tuple]] = []
+        self.module_stack: list[tuple[str, tuple]] = []  # (name, (type name, input shapes))
         self.last_op = None  # the op running when something fails, for the error message
         self.dispatch_rules = dispatch_rules or {}
         # storage key -> (weakref whose callback records the free, records of that storage)
@@ -182,8 +182,8 @@ class StorageTracker(TorchDispatchMode):
         i = bisect.bisect_right(self._seq_marks, node._sequence_nr()) - 1
         return self._seq_names[i] if i >= 0 else "(loss)"
 
-    def enter_module(self, name: str, shapes: tuple) -> None:
-        self.module_stack.append((name, shapes))
+    def enter_module(self, name: str, about: tuple) -> None:
+        self.module_stack.append((name, about))
         self._mark_seq(name)
 
     def exit_module(self) -> None:
