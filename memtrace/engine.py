@@ -53,7 +53,7 @@ class Trace:
 
 
 @contextlib.contextmanager
-def _preserved_rng():
+def preserved_rng():
     cpu = torch.get_rng_state()
     py = random.getstate()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -168,7 +168,7 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
     grad_records: dict[str, list[StorageRecord]] = {}
     state_records: dict[str, list[StorageRecord]] = {}
 
-    with _preserved_rng(), _quiet_fake_tensor_log(), fake_mode, tracker:
+    with preserved_rng(), _quiet_fake_tensor_log(), fake_mode, tracker:
         tracker.where = ModuleCall(Phase.SETUP, 0, None, "(setup)")
         phase_starts.append((Phase.SETUP, 0, 0))
         fake_model = _fake_copy(model, options, tracker)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .engine import preserved_rng
 from .options import Options, Phase, TensorSpec, parse_options
 from .step import build_optimizer, make_inputs, run_steps
 
@@ -54,8 +55,8 @@ def measure_cpu(model: torch.nn.Module, input_shape=None, **kwargs) -> Measureme
 
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with preserved_rng(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.manual_seed(0)
         marks.append(("setup", time_ns()))
         real = copy.deepcopy(model).to(dtype=options.dtype) if options.dtype != torch.float32 else copy.deepcopy(model)
         real.train(options.train)

@@ -108,9 +108,11 @@ def _parse_dtype(name: str, value: Any) -> torch.dtype:
 
 
 def _parse_shape(value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"input_shape={value!r} must be a sequence of ints, e.g. (64, 3, 224, 224)")
     try:
         shape = tuple(int(s) for s in value)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"input_shape={value!r} must be a sequence of ints, e.g. (64, 3, 224, 224)") from None
     if not shape or any(s < 0 for s in shape) or any(s != v for s, v in zip(shape, value)):
         raise ValueError(f"input_shape={value!r} must be a non-empty sequence of non-negative ints")
@@ -123,12 +125,12 @@ def _spec(t: Any, key: str | int) -> TensorSpec:
     return TensorSpec(tuple(t.shape), t.dtype, key)
 
 
-def parse_inputs(input_shape: Any, inputs: Any) -> tuple[TensorSpec, ...]:
+def parse_inputs(input_shape: Any, inputs: Any, float_dtype: torch.dtype = torch.float32) -> tuple[TensorSpec, ...]:
     if (input_shape is None) == (inputs is None):
         given = "both" if input_shape is not None else "neither"
         raise ValueError(f"give exactly one of input_shape= and inputs= ({given} given)")
-    if input_shape is not None:
-        return (TensorSpec(_parse_shape(input_shape), torch.float32, 0),)
+    if input_shape is not None:  # the input is in the parameters' dtype, as pure half/bf16 training feeds it
+        return (TensorSpec(_parse_shape(input_shape), float_dtype, 0),)
     if isinstance(inputs, torch.Tensor):
         return (_spec(inputs, 0),)
     if isinstance(inputs, Mapping):
@@ -177,7 +179,6 @@ def parse_options(
 ) -> Options:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model is a {type(model).__name__}, expected a torch.nn.Module")
-    specs = parse_inputs(input_shape, inputs)
     opt_factory, opt_name = parse_optimizer(optimizer)
     if optimizer_kwargs is not None and not isinstance(optimizer_kwargs, Mapping):
         raise TypeError(f"optimizer_kwargs={optimizer_kwargs!r} must be a dict of keyword arguments")
@@ -194,7 +195,9 @@ def parse_options(
     if amp_dtype is not None and param_dtype != torch.float32:
         raise ValueError(f"amp={amp!r} needs float32 parameters, got dtype={param_dtype}; "
                          "use amp=False for pure half/bf16 training")
+    specs = parse_inputs(input_shape, inputs, param_dtype)
     dev = str(device.type if isinstance(device, torch.device) else device).lower()
+    dev = dev.split(":", 1)[0] if dev.split(":", 1)[-1].isdigit() else dev  # "cuda:1" predicts a CUDA run too
     if dev not in DEVICES:
         raise ValueError(f"device={device!r} is unknown; valid: {_choices(DEVICES)}")
     if loss_fn is not None and not callable(loss_fn):

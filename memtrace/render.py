@@ -21,7 +21,9 @@ def layer_table(report, depth: int = 3, fmt: str = "simple") -> str:
     for row in report.layers:
         if row.depth > depth:
             continue
-        label = "  " * row.depth + (row.name.rsplit(".", 1)[-1] if row.name else row.type)
+        # tabulate strips leading spaces, so nesting is drawn, as torchinfo does
+        label = ("│ " * (row.depth - 1) + "├─" if row.depth else "") + (
+            row.name.rsplit(".", 1)[-1] if row.name else row.type)
         rows.append([
             label, row.type, _shape(row.output_shape), f"{row.params:,}" if row.params else "-",
             _bytes(row.param_bytes), _bytes(row.gradient_bytes), _bytes(row.optimizer_state_bytes),
@@ -41,6 +43,16 @@ def category_table(report, fmt: str = "simple") -> str:
                     colalign=("left", "right", "right"))
 
 
+def _exact(n: int) -> str:
+    return format_bytes(n, 2) + (f" ({n:,} B)" if n >= 1024 else "")
+
+
+def _place(module: str) -> str:
+    if module.startswith("("):  # (loss), (optimizer), (inputs): not a module
+        return f"in the {module[1:-1]}"
+    return f"in module '{module}'" if module else "in the root module"
+
+
 def summary(report) -> str:
     s = report.settings
     inputs = ", ".join(f"{i['key']}: [{', '.join(map(str, i['shape']))}] {i['dtype']}" for i in s["inputs"])
@@ -49,9 +61,8 @@ def summary(report) -> str:
         f"memtrace: {report.model} — {report.param_count:,} parameters ({report.trainable_param_count:,} trainable)",
         f"{mode} on {report.device} ({report.allocator} allocator model), optimizer {s['optimizer']}, "
         f"amp {s['amp']}, dtype {s['dtype']}, {s['steps']} step(s); inputs {inputs}",
-        f"Predicted peak: {format_bytes(report.peak_bytes, 2)} ({report.peak_bytes:,} B) in iteration "
-        f"{report.peak.iteration}, {report.peak.phase.value}, at {report.peak.module or '(root)'} "
-        f"({report.peak.op})",
+        f"Predicted peak: {_exact(report.peak_bytes)} in iteration {report.peak.iteration}, "
+        f"{report.peak.phase.value}, {_place(report.peak.module)} ({report.peak.op})",
     ]
     if report.reserved_peak_bytes is not None:
         lines.append(f"Reserved by the caching allocator (estimate): {format_bytes(report.reserved_peak_bytes, 2)}")

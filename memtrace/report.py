@@ -154,15 +154,31 @@ def _settings(options: Options) -> dict[str, Any]:
     }
 
 
+def _canonical_events(trace: Trace) -> list[tuple[tuple[int, bool], int]]:
+    """Events with each run of frees that happened inside one op sorted by record index.
+
+    Such frees are simultaneous (e.g. autocast clearing its cast cache walks a hash map whose order
+    depends on addresses); sorting them makes two estimates of the same step identical."""
+    paired = list(zip(trace.events, trace.event_ops))
+    out, run = [], []
+    for item in paired:
+        (_, is_alloc), op = item
+        if not is_alloc and (not run or run[-1][1] == op):
+            run.append(item)
+            continue
+        out += sorted(run, key=lambda e: e[0][0])
+        run = [] if is_alloc else [item]
+        if is_alloc:
+            out.append(item)
+    return out + sorted(run, key=lambda e: e[0][0])
+
+
 def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Report:
     records = trace.records
-    device_events = [(i, a) for i, a in trace.events if not records[i].host]
     position = {}  # record index -> (alloc position, free position) in the device timeline
     sequence = []
     ops = []
-    for pos, ((i, is_alloc), op) in enumerate(
-        (e, o) for e, o in zip(trace.events, trace.event_ops) if not records[e[0]].host
-    ):
+    for pos, ((i, is_alloc), op) in enumerate(e for e in _canonical_events(trace) if not records[e[0][0]].host):
         sequence.append((i, records[i].nbytes, is_alloc))
         ops.append(op)
         position.setdefault(i, [pos, None])
@@ -212,10 +228,7 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
     param_count = sum(p.numel() for p in _unique_params(model))
     trainable = sum(p.numel() for p in _unique_params(model) if p.requires_grad)
     notes = list(trace.target.notes)
-    assumptions = tuple(
-        f"{a.op} in {a.module or '(root)'} needs a data-dependent value; assumed {a.value!r}"
-        for a in _dedupe(trace.assumptions)
-    )
+    assumptions = tuple(_explain_assumption(a, options) for a in _dedupe(trace.assumptions))
     return Report(
         model=type(model).__name__,
         device=trace.target.name,
@@ -239,6 +252,13 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
 def _device_pos(event_index: int, trace: Trace, records) -> int:
     """Position in the device timeline of the first device event at or after ``event_index``."""
     return sum(1 for i, _ in trace.events[:event_index] if not records[i].host)
+
+
+def _explain_assumption(a, options: Options) -> str:
+    if a.module == "(optimizer)" and options.uses_grad_scaler:
+        return "GradScaler's inf/NaN check has no data: assumed finite gradients, so every step is taken"
+    where = "the root module" if not a.module else a.module if a.module.startswith("(") else f"module '{a.module}'"
+    return f"{a.op} in {where} needs a data-dependent value (.item() or bool(tensor)); assumed {a.value!r}"
 
 
 def _dedupe(assumptions):

@@ -30,7 +30,7 @@ def default_loss(output: Any, inputs: Any) -> torch.Tensor:
     for t in _tensors(output):
         if t.is_floating_point():
             return t.float().mean() if t.dtype in (torch.float16, torch.bfloat16) else t.mean()
-    raise LossError(f"the model returned {type(output).__name__} with no floating-point tensor; pass loss_fn=")
+    raise LossError("the model's output holds no floating-point tensor to reduce into a loss; pass loss_fn=")
 
 
 def _tensors(obj: Any):
@@ -56,7 +56,12 @@ def make_inputs(specs: tuple[TensorSpec, ...], factory: Callable[[TensorSpec], t
 def build_optimizer(options: Options, params: list[torch.nn.Parameter], adjust=None) -> torch.optim.Optimizer | None:
     if options.optimizer is None:
         return None
-    opt = options.optimizer(params, **options.optimizer_kwargs)
+    try:
+        opt = options.optimizer(params, **options.optimizer_kwargs)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(
+            f"optimizer_kwargs={dict(options.optimizer_kwargs)!r} rejected by {options.optimizer_name}: {exc}"
+        ) from exc
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(f"optimizer callable returned {type(opt).__name__}, expected a torch.optim.Optimizer")
     if adjust is not None:
