@@ -1,0 +1,138 @@
+"""device="cpu" predictions against the real step run under the CPU profiler (memtrace.measure.measure_cpu).
+
+The exact allocator model charges what the profiler reports, so the prediction can only miss bytes (memory a
+kernel allocates that no traced tensor owns), never invent them: each check is either exact equality or
+``0 <= measured - predicted <= bound``, with the bound justified where it is set.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import memtrace
+from memtrace import TraceError
+from memtrace.measure import measure_cpu
+
+from tiny_models import make_cnn, make_mlp, tiny_gpt2, tiny_llama, token_batch
+
+WRAPPED_SCALARS = ("a Tensor op with a Python float on the CPU (`x / c`, `x.add_(eps)`) allocates a 0-dim float64 "
+                   "wrapped number (8 B) and its float32 copy (4 B) that the tracer does not see; the for-loop "
+                   "Adam/AdamW/Adagrad steps hold them at the peak (12 B short)")
+
+
+def compare(model, input_shape=None, **kwargs):
+    predicted = memtrace.report(model, input_shape, device="cpu", **kwargs)
+    measured = measure_cpu(model, input_shape, **kwargs)
+    return predicted, measured
+
+
+def peak_phase(measured) -> str:
+    return max(measured.peak_by_phase, key=lambda phase: measured.peak_by_phase[phase])
+
+
+def xfail_wrapped(kwargs):
+    return pytest.param(kwargs, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=WRAPPED_SCALARS),
+                        id=kwargs["optimizer"])
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param(dict(optimizer="sgd", optimizer_kwargs={"lr": 0.1}), id="sgd"),
+    pytest.param(dict(optimizer="sgd", optimizer_kwargs={"lr": 0.1, "momentum": 0.9}), id="sgd-momentum"),
+    pytest.param(dict(optimizer="rmsprop"), id="rmsprop"),
+    pytest.param(dict(optimizer=None), id="no-optimizer"),
+    pytest.param(dict(optimizer="sgd", amp="bf16"), id="sgd-amp-bf16"),
+    pytest.param(dict(optimizer="sgd", amp="fp16"), id="sgd-amp-fp16-grad-scaler"),
+    pytest.param(dict(optimizer="sgd", steps=3), id="sgd-3-steps"),
+    xfail_wrapped(dict(optimizer="adam")),
+    xfail_wrapped(dict(optimizer="adamw")),
+    xfail_wrapped(dict(optimizer="adagrad")),
+])
+def test_mlp_exact(kwargs):
+    predicted, measured = compare(make_mlp(), (3, 4), **kwargs)
+    assert predicted.peak_bytes == measured.peak_bytes
+    assert predicted.peak.phase.value == peak_phase(measured)
+
+
+def test_linear_sgd_matches_the_hand_count():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    _, measured = compare(model, (2, 4), optimizer="sgd", optimizer_kwargs={"lr": 0.1})
+    assert measured.peak_bytes == 184  # test_exact_bytes.py: 48 + 32 + 24 + 4 + 4 + 24 + 48
+
+
+def test_adam_gap_is_only_the_wrapped_scalars():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    predicted, measured = compare(model, (2, 4), optimizer="adam")
+    assert measured.peak_bytes == 364  # test_exact_bytes.py: 352 B of tensors + 8 B + 4 B of wrapped scalar
+    assert measured.peak_bytes - predicted.peak_bytes in (0, 12)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_mlp_inference_exact(steps):
+    predicted, measured = compare(make_mlp(), (3, 4), train=False, steps=steps)
+    assert predicted.peak_bytes == measured.peak_bytes == (472 if steps == 1 else 496)
+    assert set(measured.peak_by_phase) == {"setup", "forward"}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_cnn_with_batchnorm_within_2_percent(optimizer):
+    # Measured on this machine: 64 B short of 1.19 MB (0.005 %). The tracer cannot see oneDNN's scratch
+    # inside convolution backward (two blocks of ~2x the conv output, allocated and freed within the op).
+    # At this size (8 channels, 8x3x32x32) the peak is in the second ReLU's backward, outside any conv, so
+    # the scratch does not reach it; on tiny inputs (4 channels, 16x16) it does and the gap is 10-28 %.
+    # 2 % leaves room for other oneDNN ISAs choosing bigger scratch or blocked layouts. (Under CPU autocast
+    # the convolutions take the slow im2col path instead, whose scratch makes the gap ~22 %: not tested.)
+    predicted, measured = compare(make_cnn(channels=8, hw=32), (8, 3, 32, 32), optimizer=optimizer)
+    gap = measured.peak_bytes - predicted.peak_bytes
+    assert 0 <= gap <= 0.02 * measured.peak_bytes, (predicted.peak_bytes, measured.peak_bytes)
+    assert predicted.peak.phase.value == peak_phase(measured) == "backward"
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_hugging_face_within_0_1_percent(make):
+    # measured: GPT-2 48 B short of 4.3 MB, LLaMA exact
+    model = make()
+    predicted = memtrace.report(model, inputs=token_batch(), device="cpu")
+    measured = measure_cpu(model, inputs=token_batch())
+    gap = measured.peak_bytes - predicted.peak_bytes
+    assert 0 <= gap <= 0.001 * measured.peak_bytes, (predicted.peak_bytes, measured.peak_bytes)
+    assert predicted.peak.phase.value == peak_phase(measured)
+
+
+class LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the fake kernel of aten.mkldnn_rnn_layer returns a 0-byte workspace; the real one "
+                   "allocates a workspace per layer that is saved for backward, plus scratch: 34424 vs 112624 B")
+def test_lstm_within_2_percent():
+    torch.manual_seed(0)
+    predicted, measured = compare(LSTMNet(), (2, 5, 8), optimizer="sgd")
+    gap = measured.peak_bytes - predicted.peak_bytes
+    assert 0 <= gap <= 0.02 * measured.peak_bytes, (predicted.peak_bytes, measured.peak_bytes)
+
+
+def test_dtype_with_input_shape_agrees_with_the_real_step():
+    model = make_mlp()  # input_shape= makes the input in the parameters' dtype
+    predicted = memtrace.report(model, (3, 4), dtype=torch.float64, device="cpu", optimizer="sgd")
+    measured = measure_cpu(model, (3, 4), dtype=torch.float64, optimizer="sgd")
+    assert predicted.peak_bytes == measured.peak_bytes
+
+
+def test_float64_inputs_exact():
+    model = make_mlp()
+    x = torch.zeros(3, 4, dtype=torch.float64)
+    predicted = memtrace.report(model, inputs=x, dtype=torch.float64, device="cpu", optimizer="sgd")
+    measured = measure_cpu(model, inputs=x, dtype=torch.float64, optimizer="sgd")
+    assert predicted.peak_bytes == measured.peak_bytes == 2 * 672  # every tensor of the float32 count doubles
