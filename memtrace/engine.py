@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .options import Category, Options, Phase, TensorSpec
+from .options import Category, Options, Phase
 from .step import build_optimizer, make_inputs, run_steps
 from .targets import TARGETS, Target
 from .tracer import ModuleCall, StorageRecord, StorageTracker

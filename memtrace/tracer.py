@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import memtrace
-from memtrace import TraceError
 from memtrace.measure import measure_cpu
 
 from tiny_models import make_cnn, make_mlp, tiny_gpt2, tiny_llama, token_batch
