@@ -238,6 +238,7 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
             for h in handles:
                 h.remove()
         tracker.stop()
+    tracker.fuse_accumulations()
     return Trace(
         target=target, records=tracker.records, events=tracker.events, event_ops=tracker.event_ops,
         phase_starts=phase_starts, modules=infos, param_records=param_records, grad_records=grad_records,

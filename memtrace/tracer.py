@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover
     DataDependentOutputException = RuntimeError
 
 _ACCUMULATE_GRAD = "torch::autograd::AccumulateGrad"
+_ADD = torch.ops.aten.add.Tensor
 
 
 @dataclass
@@ -48,6 +49,7 @@ class StorageRecord:
     saved: bool = False  # saved for backward by an autograd node
     role: Category | None = None  # gradient or optimizer state, learnt after birth
     host: bool = False  # lives in host memory on the target device (e.g. Adam's step counter on CUDA)
+    accumulates: tuple[int, ...] = ()  # records summed into this one by the autograd engine
 
     @property
     def category(self) -> Category:
@@ -95,11 +97,16 @@ class StorageTracker(TorchDispatchMode):
         self._seq_marks: list[int] = []
         self._seq_names: list[str] = []
         self.param_module: dict[int, str] = {}
+        self._watched: set[int] = set()  # sequence numbers of backward nodes given a post-hook
+        self._accumulating = None
+        self._pending_accumulation = None
 
     # ---- ops -----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.last_op = func
+        if self.where.phase is Phase.BACKWARD:
+            self.watch_backward_node()
         rule = self.dispatch_rules.get(func)
         try:
             out = rule(func, args, kwargs) if rule is not None else func(*args, **kwargs)
@@ -107,6 +114,8 @@ class StorageTracker(TorchDispatchMode):
             out = self._assume(func, args)
         self.op_count += 1
         if self.recording:
+            if func is _ADD and self._accumulating is not None and self.where.phase is Phase.BACKWARD:
+                self._note_accumulation(out, args)
             if isinstance(out, torch.Tensor):
                 self._see(out, func)
             elif isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
@@ -117,6 +126,31 @@ class StorageTracker(TorchDispatchMode):
                     if isinstance(t, torch.Tensor):
                         self._see(t, func)
         return out
+
+    # ---- gradient accumulation -----------------------------------------------------------------
+    # When two gradients meet at one input, the autograd engine sums them in its InputBuffer, in place
+    # when one of them has no other reference (torch/csrc/autograd/input_buffer.cpp, accumulate and
+    # can_accumulate_inplace). Tensor subclasses such as fake tensors are never summed in place, so the
+    # tracer sees an out-of-place add that a real run does not do. It marks such adds here (the node's
+    # post-hook has run: the engine is distributing its outputs) and ``fuse_accumulations`` undoes them.
+    def watch_backward_node(self) -> None:
+        node = torch._C._current_autograd_node()
+        if node is None or node.name() == _ACCUMULATE_GRAD:
+            return
+        seq = node._sequence_nr()  # nodes cannot be weakly referenced, and a strong one keeps the graph
+        if seq not in self._watched:
+            self._watched.add(seq)
+            node.register_hook(lambda grad_inputs, grad_outputs, _seq=seq: self._set_accumulating(_seq))
+
+    def _set_accumulating(self, seq: int) -> None:
+        self._accumulating = seq
+
+    def _note_accumulation(self, out, args) -> None:
+        node = torch._C._current_autograd_node()
+        if node is None or node._sequence_nr() != self._accumulating or not isinstance(out, torch.Tensor):
+            return
+        operands = [self.record_of(a) for a in args[:2] if isinstance(a, torch.Tensor)]
+        self._pending_accumulation = (out, [r.index for r in operands if r is not None])
 
     def _assume(self, func, args):
         value: object = 0
@@ -148,6 +182,10 @@ class StorageTracker(TorchDispatchMode):
         self.events.append((rec.index, True))
         self.event_ops.append(self.op_count)
         group.append(rec)
+        pending = self._pending_accumulation
+        if pending is not None and func is _ADD:
+            rec.accumulates = tuple(pending[1])
+            self._pending_accumulation = None
 
     def _freed_callback(self, key):
         def freed(_ref):
@@ -212,3 +250,32 @@ class StorageTracker(TorchDispatchMode):
 
     def stop(self) -> None:
         self.recording = False
+
+    def fuse_accumulations(self) -> None:
+        """Rewrite each engine-side out-of-place gradient sum as the in-place sum a real run does.
+
+        The sum was in place on an operand exactly when that operand was released right after the add,
+        before any other op ran (it had no other reference). The sum then takes over the operand's
+        allocation: its record starts where the operand's did and the operand's record disappears."""
+        ops = self.event_ops
+        replace: dict[tuple[int, bool], tuple[int, bool] | None] = {}
+        for pos, (index, is_alloc) in enumerate(self.events):
+            rec = self.records[index]
+            if not (is_alloc and rec.accumulates):
+                continue
+            for later in range(pos + 1, len(self.events)):
+                other, other_alloc = self.events[later]
+                if other_alloc or ops[later] != ops[pos]:
+                    break
+                operand = self.records[other]
+                if other in rec.accumulates and operand.nbytes == rec.nbytes and operand.birth is None:
+                    replace[(other, True)] = (index, True)
+                    replace[(other, False)] = None
+                    replace[(index, True)] = None
+                    operand.nbytes = 0
+                    break
+        if not replace:
+            return
+        kept = [(replace.get(e, e), op) for e, op in zip(self.events, ops) if replace.get(e, e) is not None]
+        self.events = [e for e, _ in kept]
+        self.event_ops = [op for _, op in kept]
