@@ -1,0 +1,341 @@
+"""Speed: how long ``memtrace.report`` takes, against the two things it can be compared with.
+
+For every suite model (two training steps, Adam, ``device="cuda"``, the default):
+  (a) ``memtrace.report(model, ...)``: the whole call, including its fake copy of the model;
+  (b) bare meta: the same steps on the meta device with no tracking at all (model built under
+      ``torch.device("meta")``, Adam with foreach=True as on CUDA): the floor any tracer on top of
+      PyTorch's dispatcher pays;
+  (b') bare fake: the same steps under ``FakeTensorMode`` (fake CPU tensors, what report traces on) with
+      no tracking: the floor for a tracer built on fake tensors (extra column; on meta some models take
+      other code paths, e.g. nn.LSTM has no fused kernel there);
+  (c) PyTorch's ``torch.distributed._tools.mem_tracker.MemTracker`` over the same steps under
+      ``FakeTensorMode`` (fake CPU tensors: fake CUDA tensors cannot run backward without a GPU).
+For (b) and (c) building the model is not timed (it happens once, before); optimizer creation and the
+steps are. Each figure is the best of ``--repeat`` runs. A last row traces a 7B LLaMA built on meta
+(sequence 2048, batch 1, AdamW) in a fresh subprocess and reports its time, the process's RSS after
+building the model and its peak RSS (VmHWM, reset after the build) while report runs.
+Targets (reported, not asserted): report <= 1.5x bare meta and >= 3x faster than MemTracker on every
+model; the 7B under 5 s.
+
+    python benchmarks/speed.py [--quick] [--only NAME[,NAME]] [--markdown] [--repeat 3] [--no-7b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from common import MiB, header, log, quiet_stderr, short_error
+
+import torch
+from tabulate import tabulate
+
+import memtrace
+from memtrace.options import Phase, parse_options
+from memtrace.step import make_inputs, run_steps
+from models import Case, _tokens, llama_7b, select
+
+STEPS = 2
+TARGET_BARE_RATIO = 1.5
+TARGET_MEMTRACKER_RATIO = 3.0
+TARGET_7B_S = 5.0
+
+
+def best_of(fn, repeat: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        gc.collect()
+        t = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, result
+
+
+def time_report(case: Case, model, repeat: int) -> tuple[float, int]:
+    t, rep = best_of(lambda: memtrace.report(model, **case.report_kwargs(), optimizer="adam", steps=STEPS), repeat)
+    return t, rep.peak_bytes
+
+
+def _options(case: Case, model):
+    return parse_options(model, **case.report_kwargs(), optimizer="adam", device="cpu", steps=STEPS)
+
+
+def time_bare_meta(case: Case, repeat: int, factory=None) -> float:
+    with torch.device("meta"):
+        model = (factory or case.factory)()
+    options = _options(case, model)
+
+    def run():
+        opt = torch.optim.Adam(model.parameters(), foreach=True)
+        inputs = lambda: make_inputs(options.inputs, lambda s: torch.empty(s.shape, dtype=s.dtype, device="meta"))
+        run_steps(model, options, inputs, opt, None, "cpu")
+
+    t, _ = best_of(run, repeat)
+    return t
+
+
+FAKE_BUILD_FALLBACK: set[str] = set()  # models built on meta + to_empty for (b') and (c)
+
+
+def fake_model(case: Case):
+    """(fake mode, model built under it, how). Building under FakeTensorMode runs the model's init on fake
+    tensors; inits that read values (torch.nn.init.trunc_normal_ checks ``mask.any()``) raise there, so
+    such models are built on meta and materialised with ``to_empty`` under the fake mode instead."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with fake_mode:
+            return fake_mode, case.factory(), "built under FakeTensorMode"
+    except DataDependentOutputException:
+        FAKE_BUILD_FALLBACK.add(case.name)
+        with torch.device("meta"):
+            model = case.factory()
+        with fake_mode:
+            model.to_empty(device="cpu")
+        return fake_mode, model, "built on meta, to_empty under FakeTensorMode"
+
+
+def time_bare_fake(case: Case, repeat: int) -> float:
+    fake_mode, model, _ = fake_model(case)
+    options = _options(case, model)
+
+    def run():
+        with fake_mode:
+            opt = torch.optim.Adam(model.parameters(), foreach=True)
+            inputs = lambda: make_inputs(options.inputs, lambda s: torch.empty(s.shape, dtype=s.dtype))
+            run_steps(model, options, inputs, opt, None, "cpu")
+            model.zero_grad(set_to_none=True)
+
+    t, _ = best_of(run, repeat)
+    return t
+
+
+def time_memtracker(case: Case, repeat: int) -> tuple[float, int]:
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    fake_mode, model, _ = fake_model(case)
+    options = _options(case, model)
+
+    def run():
+        with fake_mode:
+            opt = torch.optim.Adam(model.parameters(), foreach=True)
+            mt = MemTracker()
+            mt.track_external(model, opt)
+            with mt:
+                def on_phase(phase, it):
+                    if phase is Phase.FORWARD and it > 0:
+                        mt.reset_mod_stats()  # per-module snapshots are per iteration
+
+                inputs = lambda: make_inputs(options.inputs, lambda s: torch.empty(s.shape, dtype=s.dtype))
+                run_steps(model, options, inputs, opt, None, "cpu", on_phase)
+            peak = mt.get_tracker_snapshot("peak")
+            model.zero_grad(set_to_none=True)
+        return max((snap.get("Total", 0) for snap in peak.values()), default=0)
+
+    return best_of(run, repeat)
+
+
+def run_case(case: Case, repeat: int) -> dict:
+    row = {"model": case.name}
+    torch.manual_seed(0)
+    with quiet_stderr():
+        model = case.factory()
+    for key, fn in (
+        ("report", lambda: time_report(case, model, repeat)),
+        ("bare", lambda: (time_bare_meta(case, repeat), None)),
+        ("fake", lambda: (time_bare_fake(case, repeat), None)),
+        ("memtracker", lambda: time_memtracker(case, repeat)),
+    ):
+        try:
+            with quiet_stderr():
+                row[f"{key}_s"], peak = fn()
+            if peak is not None:
+                row[f"{key}_peak"] = peak
+        except Exception as exc:
+            row[f"{key}_error"] = short_error(exc)
+        log(f"    {key}: " + (f"{row[f'{key}_s']:.3f}s" if f"{key}_s" in row else f"fails ({row[f'{key}_error']})"))
+    return row
+
+
+# ---- the 7B row, run in a fresh process so that its peak RSS is its own -------------------------------
+
+def _proc_status_bytes(key: str) -> int | None:
+    """VmRSS / VmHWM of this process from /proc (Linux), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss_bytes() -> int:
+    # VmHWM, not getrusage's ru_maxrss: the child is started with vfork by subprocess, and ru_maxrss keeps
+    # the high-water mark of the parent's address space across exec, i.e. the whole benchmark's RSS
+    hwm = _proc_status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> bool:
+    try:  # "5" resets the peak RSS to the current RSS (Documentation/filesystems/proc.rst, clear_refs)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def llama7b_child(repeat: int) -> dict:
+    t = time.perf_counter()
+    with torch.device("meta"):
+        model = llama_7b()
+    build_s = time.perf_counter() - t
+    inputs = _tokens(1, 2048)
+    gc.collect()
+    out = {"params": sum(p.numel() for p in model.parameters()), "build_s": build_s,
+           "rss_before_bytes": _proc_status_bytes("VmRSS") or 0, "peak_rss_before_bytes": _peak_rss_bytes(),
+           "peak_rss_reset": _reset_peak_rss()}
+    try:
+        with quiet_stderr():
+            t, rep = best_of(lambda: memtrace.report(model, inputs=inputs, optimizer="adamw", steps=STEPS), repeat)
+        out.update(report_s=t, peak_bytes=rep.peak_bytes, traced_ops=rep.traced_ops,
+                   peak_phase=f"{rep.peak.phase.value} (it {rep.peak.iteration})")
+    except Exception as exc:
+        out["report_error"] = short_error(exc)
+    out["rss_peak_bytes"] = _peak_rss_bytes()
+    try:
+        case = Case("llama_7b", llama_7b, inputs)
+        with quiet_stderr():
+            out["bare_s"] = time_bare_meta(case, 1)
+    except Exception as exc:
+        out["bare_error"] = short_error(exc)
+    return out
+
+
+def llama7b(repeat: int) -> dict:
+    cmd = [sys.executable, __file__, "--llama7b-child", "--repeat", str(repeat)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"report_error": f"child exited {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+
+
+# ---- presentation ------------------------------------------------------------------------------------
+
+def _s(row: dict, key: str) -> str:
+    if f"{key}_s" in row:
+        return f"{row[f'{key}_s']:.3f}"
+    return f"fails ({row[f'{key}_error'].split(':')[0]})" if f"{key}_error" in row else "-"
+
+
+def table(rows: list[dict], markdown: bool) -> str:
+    out = []
+    for r in rows:
+        rb = r["report_s"] / r["bare_s"] if "report_s" in r and "bare_s" in r else None
+        mr = r["memtracker_s"] / r["report_s"] if "report_s" in r and "memtracker_s" in r else None
+        out.append([
+            r["model"], _s(r, "report"), _s(r, "bare"), _s(r, "memtracker"),
+            f"{rb:.2f}" if rb is not None else "-", f"{mr:.2f}" if mr is not None else "-",
+            _s(r, "fake"), f"{r['report_s'] / r['fake_s']:.2f}" if "report_s" in r and "fake_s" in r else "-",
+            f"{r['report_peak'] / MiB:.2f}" if "report_peak" in r else "-",
+            f"{r['memtracker_peak'] / MiB:.2f}" if "memtracker_peak" in r else "-",
+        ])
+    headers = ["model", "report s", "bare meta s", "MemTracker s", "report/bare", "MemTracker/report",
+               "bare fake s", "report/fake", "report peak MiB (cuda)", "MemTracker peak MiB (fake cpu)"]
+    return tabulate(out, headers=headers, tablefmt="github" if markdown else "simple", disable_numparse=True,
+                    colalign=("left",) + ("right",) * 9)
+
+
+def summary(rows: list[dict]) -> list[str]:
+    rb = [(r["report_s"] / r["bare_s"], r["model"]) for r in rows if "report_s" in r and "bare_s" in r]
+    mr = [(r["memtracker_s"] / r["report_s"], r["model"]) for r in rows if "report_s" in r and "memtracker_s" in r]
+    lines = []
+    if rb:
+        worst = max(rb)
+        lines.append(f"report/bare meta: max {worst[0]:.2f}x ({worst[1]}); <= {TARGET_BARE_RATIO}x on "
+                     f"{sum(x <= TARGET_BARE_RATIO for x, _ in rb)}/{len(rb)} models")
+    if mr:
+        worst = min(mr)
+        lines.append(f"MemTracker/report: min {worst[0]:.2f}x ({worst[1]}); >= {TARGET_MEMTRACKER_RATIO}x on "
+                     f"{sum(x >= TARGET_MEMTRACKER_RATIO for x, _ in mr)}/{len(mr)} models")
+    fallback = [r["model"] for r in rows if r["model"] in FAKE_BUILD_FALLBACK]
+    if fallback:
+        lines.append(f"{', '.join(fallback)}: their init reads tensor values (trunc_normal_), which fails under "
+                     "FakeTensorMode, so for bare fake and MemTracker they were built on meta and materialised "
+                     "with to_empty(device='cpu') under the fake mode")
+    for r in rows:
+        for key in ("report", "bare", "fake", "memtracker"):
+            if f"{key}_error" in r:
+                lines.append(f"{r['model']}: {key} fails: {r[f'{key}_error']}")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="comma-separated case names (see benchmarks/models.py)")
+    ap.add_argument("--quick", action="store_true", help="a small subset of the suite")
+    ap.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    ap.add_argument("--repeat", type=int, default=3, help="best of this many runs (default 3)")
+    ap.add_argument("--no-7b", action="store_true", help="skip the 7B LLaMA row")
+    ap.add_argument("--only-7b", action="store_true", help="only the 7B LLaMA row")
+    ap.add_argument("--llama7b-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.llama7b_child:
+        print(json.dumps(llama7b_child(args.repeat)))
+        return 0
+
+    start = time.perf_counter()
+    for line in header():
+        print(line)
+    cases = [] if args.only_7b else select(args.only, args.quick)
+    print(f"speed: {len(cases)} models, {STEPS} training steps, Adam, best of {args.repeat}; report is "
+          "device='cuda' (traced on fake CPU tensors); MemTracker runs on fake CPU tensors; model building "
+          "is not timed for bare meta and MemTracker, report's own fake copy is")
+    print(flush=True)
+    rows = []
+    for case in cases:
+        log(f"[{time.perf_counter() - start:6.1f}s] {case.name} ...")
+        rows.append(run_case(case, args.repeat))
+    if rows:
+        print(table(rows, args.markdown))
+        print()
+        for line in summary(rows):
+            print(line)
+    if not args.no_7b:
+        log(f"[{time.perf_counter() - start:6.1f}s] llama_7b (subprocess) ...")
+        r = llama7b(args.repeat)
+        print()
+        print("7B LLaMA (hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 32000; built on meta), "
+              f"batch 1, sequence 2048, AdamW, {STEPS} steps, device='cuda', best of {args.repeat}:")
+        if "report_s" in r:
+            row = [[
+                f"{r['params'] / 1e9:.2f} B", f"{r['report_s']:.2f}",
+                f"{r['bare_s']:.2f}" if "bare_s" in r else f"fails ({r.get('bare_error', '?')})",
+                f"{r['report_s'] / r['bare_s']:.2f}" if "bare_s" in r else "-",
+                f"{r['peak_bytes'] / 2**30:.2f}", r["peak_phase"], str(r["traced_ops"]),
+                f"{r['rss_before_bytes'] / MiB:.0f}", f"{r['rss_peak_bytes'] / MiB:.0f}"
+                + ("" if r.get("peak_rss_reset") else " (since start)"),
+                "met" if r["report_s"] < TARGET_7B_S else "NOT met",
+            ]]
+            print(tabulate(row, headers=["params", "report s", "bare meta s", "report/bare", "predicted peak GiB",
+                                         "peak phase", "traced ops", "RSS before MiB",
+                                         "peak RSS during report MiB",
+                                         f"< {TARGET_7B_S:g} s"],
+                           tablefmt="github" if args.markdown else "simple", disable_numparse=True))
+        else:
+            print(f"report fails: {r.get('report_error')}")
+    print(f"wall time: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
