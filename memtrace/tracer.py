@@ -98,8 +98,7 @@ class StorageTracker(TorchDispatchMode):
         self._seq_names: list[str] = []
         self.param_module: dict[int, str] = {}
         self._watched: set[int] = set()  # sequence numbers of backward nodes given a post-hook
-        self._accumulating = None
-        self._pending_accumulation = None
+        self._accumulating = None  # sequence number of the node whose outputs the engine is summing
 
     # ---- ops -----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -114,10 +113,10 @@ class StorageTracker(TorchDispatchMode):
             out = self._assume(func, args)
         self.op_count += 1
         if self.recording:
-            if func is _ADD and self._accumulating is not None and self.where.phase is Phase.BACKWARD:
-                self._note_accumulation(out, args)
             if isinstance(out, torch.Tensor):
                 self._see(out, func)
+                if func is _ADD and self._accumulating is not None and self.where.phase is Phase.BACKWARD:
+                    self._note_accumulation(out, args)
             elif isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
                 for t in out:
                     self._see(t, func)
@@ -145,12 +144,15 @@ class StorageTracker(TorchDispatchMode):
     def _set_accumulating(self, seq: int) -> None:
         self._accumulating = seq
 
-    def _note_accumulation(self, out, args) -> None:
+    def _note_accumulation(self, out: torch.Tensor, args) -> None:
         node = torch._C._current_autograd_node()
-        if node is None or node._sequence_nr() != self._accumulating or not isinstance(out, torch.Tensor):
+        rec = self.record_of(out)
+        if node is None or node._sequence_nr() != self._accumulating or rec is None:
+            return
+        if rec.alloc_event != len(self.events) - 1:  # not a fresh allocation of this op
             return
         operands = [self.record_of(a) for a in args[:2] if isinstance(a, torch.Tensor)]
-        self._pending_accumulation = (out, [r.index for r in operands if r is not None])
+        rec.accumulates = tuple(r.index for r in operands if r is not None)
 
     def _assume(self, func, args):
         value: object = 0
@@ -182,10 +184,6 @@ class StorageTracker(TorchDispatchMode):
         self.events.append((rec.index, True))
         self.event_ops.append(self.op_count)
         group.append(rec)
-        pending = self._pending_accumulation
-        if pending is not None and func is _ADD:
-            rec.accumulates = tuple(pending[1])
-            self._pending_accumulation = None
 
     def _freed_callback(self, key):
         def freed(_ref):
