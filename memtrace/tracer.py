@@ -49,7 +49,7 @@ class StorageRecord:
     saved: bool = False  # saved for backward by an autograd node
     role: Category | None = None  # gradient or optimizer state, learnt after birth
     host: bool = False  # lives in host memory on the target device (e.g. Adam's step counter on CUDA)
-    accumulates: tuple[int, ...] = ()  # records summed into this one by the autograd engine
+    accumulates: tuple[int, ...] = ()  # the engine's buffered gradient this sum could have been made in
 
     @property
     def category(self) -> Category:
@@ -75,6 +75,16 @@ class ModuleCall:
     iteration: int = 0
     birth: Category | None = None
     label: str = "(setup)"
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """``is_non_overlapping_and_dense``: the strides, sorted, tile the elements without gaps."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class StorageTracker(TorchDispatchMode):
@@ -127,11 +137,12 @@ class StorageTracker(TorchDispatchMode):
         return out
 
     # ---- gradient accumulation -----------------------------------------------------------------
-    # When two gradients meet at one input, the autograd engine sums them in its InputBuffer, in place
-    # when one of them has no other reference (torch/csrc/autograd/input_buffer.cpp, accumulate and
-    # can_accumulate_inplace). Tensor subclasses such as fake tensors are never summed in place, so the
-    # tracer sees an out-of-place add that a real run does not do. It marks such adds here (the node's
-    # post-hook has run: the engine is distributing its outputs) and ``fuse_accumulations`` undoes them.
+    # When two gradients meet at one input, the autograd engine sums them in its InputBuffer as
+    # ``old_var + var``, in place on ``old_var`` when it is dense, not a view, and nothing else references
+    # it or its storage (torch/csrc/autograd/input_buffer.cpp, accumulate and can_accumulate_inplace).
+    # Tensor subclasses such as fake tensors are never summed in place, so the tracer sees an out-of-place
+    # add that a real run may not do. It marks such adds here (the node's post-hook has run: the engine
+    # is distributing the node's outputs) and ``fuse_accumulations`` undoes those that were in place.
     def watch_backward_node(self) -> None:
         node = torch._C._current_autograd_node()
         if node is None or node.name() == _ACCUMULATE_GRAD:
@@ -151,8 +162,12 @@ class StorageTracker(TorchDispatchMode):
             return
         if rec.alloc_event != len(self.events) - 1:  # not a fresh allocation of this op
             return
-        operands = [self.record_of(a) for a in args[:2] if isinstance(a, torch.Tensor)]
-        rec.accumulates = tuple(r.index for r in operands if r is not None)
+        old_var = args[0]
+        if not isinstance(old_var, torch.Tensor) or old_var._is_view() or not _dense(old_var):
+            return  # a view shares its storage with its base: the engine sums out of place
+        operand = self.record_of(old_var)
+        if operand is not None:
+            rec.accumulates = (operand.index,)
 
     def _assume(self, func, args):
         value: object = 0
