@@ -157,3 +157,25 @@ def test_gradients_meeting_in_backward_are_summed_in_place():
     predicted, measured = compare(TwoUses(), (1 << 16, 16), optimizer="sgd")
     assert 0 <= measured.peak_bytes - predicted.peak_bytes <= 24
     assert predicted.peak.phase.value == "backward"
+
+
+class TiedHead(nn.Module):
+    """An embedding whose weight is also the output projection, as in T5 and GPT-2."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(1000, 64)
+        self.head = nn.Linear(64, 1000, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.emb(ids)).sum()
+
+
+def test_tied_weight_gradients_are_summed_out_of_place():
+    # The head's gradient reaches the shared weight as a transposed view, whose base still holds the
+    # storage, so the engine sums it with the embedding's gradient out of place: three 1000*64*4 B
+    # buffers are live at that moment, and the prediction must keep all three.
+    ids = torch.zeros(4, 16, dtype=torch.long)
+    predicted, measured = compare(TiedHead(), inputs=ids, optimizer="sgd")
+    assert predicted.peak_bytes == measured.peak_bytes
