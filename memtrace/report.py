@@ -32,7 +32,7 @@ class LayerRow:
 
 @dataclass(frozen=True)
 class Peak:
-    bytes: int
+    allocated_bytes: int
     iteration: int
     phase: Phase
     module: str
@@ -52,7 +52,7 @@ class PhaseSpan:
 @dataclass(frozen=True)
 class Allocation:
     index: int
-    bytes: int  # charged by the allocator model
+    charged_bytes: int  # what the allocator model charges for it
     requested_bytes: int
     category: Category
     module: str
@@ -199,7 +199,7 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
 
     allocations = tuple(
         Allocation(
-            index=i, bytes=charged[i], requested_bytes=records[i].nbytes, category=records[i].category,
+            index=i, charged_bytes=charged[i], requested_bytes=records[i].nbytes, category=records[i].category,
             module=records[i].module, phase=records[i].phase, iteration=records[i].iteration,
             op=str(records[i].op), alloc_event=a, free_event=f,
         )
@@ -208,7 +208,7 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
     by_category = {c: 0 for c in Category}
     for a in allocations:
         if a.alloc_event <= peak_pos and (a.free_event is None or a.free_event > peak_pos):
-            by_category[a.category] += a.bytes
+            by_category[a.category] += a.charged_bytes
     assert sum(by_category.values()) == peak
 
     if peak_index is not None:

@@ -29,7 +29,7 @@ def check_consistent(r: memtrace.Report, model: nn.Module, *, optimizer_state: b
     if r.device == "cpu":
         assert root.param_bytes == sum(p.numel() * p.element_size() for p in unique)
     else:
-        assert all(a.bytes % 512 == 0 for a in r.allocations)
+        assert all(a.charged_bytes % 512 == 0 for a in r.allocations)
     assert root.gradient_bytes > 0
     assert (root.optimizer_state_bytes > 0) == optimizer_state
     assert r.peak.phase in (Phase.FORWARD, Phase.BACKWARD, Phase.OPTIMIZER)

@@ -47,7 +47,7 @@ def test_timeline_agrees_with_the_peak(batch, optimizer, device):
     assert tl.phases[0].start_event == 0 and tl.phases[-1].end_event == len(tl.allocated_bytes)
     assert all(a.end_event == b.start_event for a, b in zip(tl.phases, tl.phases[1:]))
     # what is left at the end is exactly what was never freed
-    assert tl.allocated_bytes[-1] == sum(a.bytes for a in r.allocations if a.free_event is None)
+    assert tl.allocated_bytes[-1] == sum(a.charged_bytes for a in r.allocations if a.free_event is None)
 
 
 @FEW

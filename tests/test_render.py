@@ -73,7 +73,7 @@ def test_json_round_trips():
     assert json.loads(r.to_json()) == d
     assert json.loads(r.to_json(indent=2)) == d
     assert d["peak_bytes"] == r.peak_bytes == 672
-    assert d["peak"] == {"bytes": 672, "iteration": 0, "phase": "backward", "module": "1",
+    assert d["peak"] == {"allocated_bytes": 672, "iteration": 0, "phase": "backward", "module": "1",
                          "op": "aten.threshold_backward.default", "event": r.peak.event}
     assert d["by_category"] == {c.value: n for c, n in r.by_category.items()}
     assert sum(d["by_category"].values()) == d["peak_bytes"]
