@@ -12,12 +12,11 @@ bytes, and the phase in which each peak falls. Targets (reported, not asserted):
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 
-from common import MiB, OPTIMIZERS, header, log, quiet_stderr, short_error
+from common import MiB, OPTIMIZERS, header, log, quiet_stderr, short_error, suite_arguments
 
 import torch
 from tabulate import tabulate
@@ -99,10 +98,7 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", help="comma-separated case names (see benchmarks/models.py)")
-    ap.add_argument("--quick", action="store_true", help="a small subset of the suite")
-    ap.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    ap = suite_arguments(__doc__)
     ap.add_argument("--optimizers", default="adam,sgd", help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
     args = ap.parse_args(argv)
     opts = [o.strip() for o in args.optimizers.split(",") if o.strip()]

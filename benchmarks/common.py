@@ -86,3 +86,14 @@ def short_error(exc: BaseException, limit: int = 160) -> str:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def suite_arguments(description: str):
+    """The command-line options every suite benchmark shares."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="comma-separated case names (see benchmarks/models.py)")
+    ap.add_argument("--quick", action="store_true", help="a small subset of the suite")
+    ap.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    return ap

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from common import MiB, header, log, quiet_stderr, short_error
+from common import MiB, header, log, quiet_stderr, short_error, suite_arguments
 
 import torch
 from tabulate import tabulate
@@ -280,10 +280,7 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", help="comma-separated case names (see benchmarks/models.py)")
-    ap.add_argument("--quick", action="store_true", help="a small subset of the suite")
-    ap.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
+    ap = suite_arguments(__doc__)
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs (default 3)")
     ap.add_argument("--no-7b", action="store_true", help="skip the 7B LLaMA row")
     ap.add_argument("--only-7b", action="store_true", help="only the 7B LLaMA row")

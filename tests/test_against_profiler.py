@@ -14,7 +14,7 @@ from torch import nn
 import memtrace
 from memtrace.measure import measure_cpu
 
-from tiny_models import make_cnn, make_mlp, tiny_gpt2, tiny_llama, token_batch
+from tiny_models import LSTMNet, make_cnn, make_mlp, tiny_gpt2, tiny_llama, token_batch
 
 WRAPPED_SCALARS = ("a Tensor op with a Python float on the CPU (`x / c`, `x.add_(eps)`) allocates a 0-dim float64 "
                    "wrapped number (8 B) and its float32 copy (4 B) that the tracer does not see; the for-loop "
@@ -99,17 +99,6 @@ def test_hugging_face_within_0_1_percent(make):
     gap = measured.peak_bytes - predicted.peak_bytes
     assert 0 <= gap <= 0.001 * measured.peak_bytes, (predicted.peak_bytes, measured.peak_bytes)
     assert predicted.peak.phase.value == peak_phase(measured)
-
-
-class LSTMNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        out, _ = self.lstm(x)
-        return self.head(out[:, -1])
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,

@@ -13,7 +13,7 @@ from torch import nn
 import memtrace
 from memtrace import Category, Phase
 
-from tiny_models import HF_MODELS, token_batch
+from tiny_models import HF_MODELS, LSTMNet, token_batch
 
 tvm = pytest.importorskip("torchvision.models")
 
@@ -124,17 +124,6 @@ def test_meta_hugging_face_model_with_meta_inputs():
 
 
 # ---- recurrent nets ------------------------------------------------------------------------------------
-
-class LSTMNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        out, _ = self.lstm(x)
-        return self.head(out[:, -1])
-
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_lstm(device):
