@@ -238,7 +238,8 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
             for h in handles:
                 h.remove()
         tracker.stop()
-    tracker.fuse_accumulations()
+    new_position = tracker.fuse_accumulations()
+    phase_starts = [(phase, it, new_position[start]) for phase, it, start in phase_starts]
     return Trace(
         target=target, records=tracker.records, events=tracker.events, event_ops=tracker.event_ops,
         phase_starts=phase_starts, modules=infos, param_records=param_records, grad_records=grad_records,

@@ -264,12 +264,14 @@ class StorageTracker(TorchDispatchMode):
     def stop(self) -> None:
         self.recording = False
 
-    def fuse_accumulations(self) -> None:
+    def fuse_accumulations(self) -> list[int]:
         """Rewrite each engine-side out-of-place gradient sum as the in-place sum a real run does.
 
-        The sum was in place on an operand exactly when that operand was released right after the add,
-        before any other op ran (it had no other reference). The sum then takes over the operand's
-        allocation: its record starts where the operand's did and the operand's record disappears."""
+        A marked sum (its buffered operand dense and not a view) was in place exactly when that operand
+        was released right after the add, before any other op ran: it had no other reference. The sum
+        then takes over the operand's allocation: its record starts where the operand's did and the
+        operand's record disappears.
+        Returns, for each old event position, the new position, for whoever kept positions."""
         ops = self.event_ops
         replace: dict[tuple[int, bool], tuple[int, bool] | None] = {}
         for pos, (index, is_alloc) in enumerate(self.events):
@@ -287,8 +289,13 @@ class StorageTracker(TorchDispatchMode):
                     replace[(index, True)] = None
                     operand.nbytes = 0
                     break
-        if not replace:
-            return
-        kept = [(replace.get(e, e), op) for e, op in zip(self.events, ops) if replace.get(e, e) is not None]
-        self.events = [e for e, _ in kept]
-        self.event_ops = [op for _, op in kept]
+        kept_before = [0]  # kept_before[i]: how many of the first i events survive
+        events, event_ops = [], []
+        for event, op in zip(self.events, ops):
+            event = replace.get(event, event)
+            if event is not None:
+                events.append(event)
+                event_ops.append(op)
+            kept_before.append(len(events))
+        self.events, self.event_ops = events, event_ops
+        return kept_before

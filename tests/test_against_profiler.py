@@ -168,3 +168,12 @@ def test_tied_weight_gradients_are_summed_out_of_place():
     ids = torch.zeros(4, 16, dtype=torch.long)
     predicted, measured = compare(TiedHead(), inputs=ids, optimizer="sgd")
     assert predicted.peak_bytes == measured.peak_bytes
+
+
+def test_phase_spans_stay_aligned_after_fusing_sums():
+    # Fusing the in-place sums removes events; the phase boundaries must move with them.
+    r = memtrace.report(TwoUses(), (1 << 12, 16), optimizer="sgd", device="cpu")
+    span = next(p for p in r.timeline.phases if p.start_event <= r.peak.event < p.end_event)
+    assert (span.phase, span.iteration) == (r.peak.phase, r.peak.iteration)
+    assert max(p.peak_bytes for p in r.timeline.phases) == r.peak_bytes
+    assert r.timeline.phases[-1].end_event == len(r.timeline.allocated_bytes)
