@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .options import Category, Options, Phase
 from .step import build_optimizer, make_inputs, run_steps
-from .targets import TARGETS, Target
+from .targets import TARGETS, FunctionRules, Target
 from .tracer import ModuleCall, StorageRecord, StorageTracker
 
 
@@ -229,7 +229,8 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
             return t
 
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            rules = FunctionRules(target.rules) if target.rules.functions else contextlib.nullcontext()
+            with rules, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 run_steps(fake_model, options, new_inputs, optimizer, scaler, "cpu", on_phase)
         except Exception as exc:
             raise _explain(exc, tracker) from exc

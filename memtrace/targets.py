@@ -11,63 +11,129 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import inspect
+
 import torch
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from .allocator import CudaCachingAllocator, ExactAllocator
 
-aten = torch.ops.aten
-
-try:
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-except ImportError:  # pragma: no cover
-    import contextlib
-
-    unset_fake_temporarily = contextlib.nullcontext
-
 
 class RuleSet:
-    """Op → handler(func, args, kwargs) registry; an op registered twice is a mistake, not an override."""
+    """What a device does differently, as handlers(func, args, kwargs) keyed by what they replace:
+    ``ops`` by aten overload (seen below autograd), ``functions`` by torch function (seen above autograd,
+    so a replacement builds its own autograd graph). Registering one twice is a mistake, not an override."""
 
     def __init__(self, name: str):
         self.name = name
         self.ops: dict = {}
+        self.functions: dict = {}
 
     def op(self, *overloads):
+        return self._register(self.ops, overloads)
+
+    def function(self, *funcs):
+        return self._register(self.functions, funcs)
+
+    def _register(self, table: dict, keys):
         def register(handler):
-            for overload in overloads:
-                if overload in self.ops:
-                    raise ValueError(f"{self.name}: {overload} already has a rule")
-                self.ops[overload] = handler
+            for key in keys:
+                if key in table:
+                    raise ValueError(f"{self.name}: {key} already has a rule")
+                table[key] = handler
             return handler
         return register
 
 
-def _host_standin(t):
-    """A real CPU tensor with ``t``'s shape, dtype and a unit last stride, backed by one row of memory."""
-    if not isinstance(t, torch.Tensor):
-        return t
-    last = t.shape[-1] if t.dim() else 1
-    base = torch.empty(max(last, 1), dtype=t.dtype)
-    return base.as_strided(t.shape, [0] * (t.dim() - 1) + [1] if t.dim() else [])
+class FunctionRules(TorchFunctionMode):
+    """Applies a RuleSet's torch-function rules while the step is traced."""
+
+    def __init__(self, rules: RuleSet):
+        super().__init__()
+        self.table = rules.functions
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        handler = self.table.get(func)
+        if handler is None:
+            return func(*args, **(kwargs or {}))
+        return handler(func, args, kwargs or {})
 
 
-def _sdp_choice_on_cpu(func, args, kwargs):
-    # The fake kernel of _fused_sdp_choice always answers "math" (aten/src/ATen/native/transformers/
-    # attention.cpp, _fused_sdp_choice_meta); a real CPU run asks the CPU kernel, which picks the fused
-    # flash kernel for most shapes. Ask the same kernel, with stand-ins that allocate one row each.
-    with unset_fake_temporarily():
-        real_args = [_host_standin(a) for a in args]
-        real_kwargs = {k: _host_standin(v) for k, v in kwargs.items()}
-        return func(*real_args, **real_kwargs)
-
-
-CPU_RULES = RuleSet("cpu")
-CPU_RULES.op(aten._fused_sdp_choice.default)(_sdp_choice_on_cpu)
+CPU_RULES = RuleSet("cpu")  # the fake CPU run is the CPU run: the CPU kernels' own choices apply
 
 CUDA_RULES = RuleSet("cuda")
-# Approximation until the CUDA backend choice is modelled: a GPU runs a fused kernel (flash or
-# memory-efficient) wherever the CPU does, and both save only the output and a float32 logsumexp.
-CUDA_RULES.op(aten._fused_sdp_choice.default)(_sdp_choice_on_cpu)
+
+# The GPU whose choices the CUDA target follows, until a GPU can be named: compute capability 9.0
+# (H100 class), where flash attention and bf16 are available.
+CUDA_CAPABILITY = (9, 0)
+
+
+def _arguments(signature_of, args, kwargs) -> dict:
+    bound = inspect.signature(signature_of).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False):
+    """F.scaled_dot_product_attention's parameters (it is a builtin without an inspectable signature)."""
+
+
+@CUDA_RULES.function(F.dropout)
+def _fused_dropout(func, args, kwargs):
+    # aten/src/ATen/native/Dropout.cpp, dropout(): on CUDA (is_fused_kernel_acceptable) training-mode
+    # dropout with 0 < p < 1 is native_dropout, whose backward keeps a bool mask (1 B per element); the CPU
+    # path keeps a noise tensor of the input's dtype instead.
+    a = _arguments(func, args, kwargs)
+    x, p = a["input"], a["p"]
+    if not a["training"] or a["inplace"] or not 0 < p < 1 or x.numel() == 0:
+        return func(*args, **kwargs)
+    return torch.native_dropout(x, p, True)[0]
+
+
+def cuda_sdp_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa=False, capability=CUDA_CAPABILITY) -> str:
+    """The backend CUDA's scaled_dot_product_attention picks, in its default priority order flash >
+    memory-efficient > math (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, use_flash_attention
+    and use_mem_efficient_attention), for dense 4-D inputs."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or 0 in q.shape or 0 in k.shape:
+        return "math"
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return "math"
+    head_dim = q.shape[-1]
+    same_heads = q.shape[1] == k.shape[1] == v.shape[1]
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if (half and attn_mask is None and head_dim == k.shape[-1] == v.shape[-1] and head_dim <= 256
+            and capability >= (8, 0) and (same_heads or enable_gqa)
+            and not (is_causal and q.shape[2] != k.shape[2])):
+        return "flash"
+    alignment = 8 if half else 4  # 16-byte aligned rows
+    if (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and same_heads
+            and head_dim % alignment == 0 and v.shape[-1] % alignment == 0 and capability >= (5, 0)):
+        return "efficient"
+    return "math"
+
+
+@CUDA_RULES.function(F.scaled_dot_product_attention)
+def _attention_as_on_cuda(func, args, kwargs):
+    # A fake CPU run asks the CPU's backend choice (flash for CPU without dropout, math with it); a GPU
+    # picks flash or memory-efficient attention, which save only the output and a float32 logsumexp.
+    # Their fake kernels are device-agnostic, so the CUDA choice is run through them directly.
+    a = _arguments(_sdpa_signature, args, kwargs)
+    q, k, v, mask, dropout_p = a["query"], a["key"], a["value"], a["attn_mask"], a["dropout_p"]
+    is_causal, scale, gqa = a["is_causal"], a["scale"], a["enable_gqa"]
+    backend = cuda_sdp_backend(q, k, v, mask, dropout_p, is_causal, gqa)
+    if backend == "flash" and not gqa:
+        # the CPU flash kernel saves what CUDA's does: the output and logsumexp [B, H, L] in float32
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, is_causal, scale=scale)[0]
+    if backend == "efficient":
+        if mask is not None:
+            mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, mask, needs_lse, dropout_p, is_causal, scale=scale)[0]
+    return func(*args, **kwargs)
 
 
 def _keep_optimizer_default(opt: torch.optim.Optimizer) -> None:
@@ -117,9 +183,10 @@ CUDA = Target(
     host_resident=_step_counter_on_host,
     allocator=CudaCachingAllocator(),
     notes=(
-        "CUDA target: caching-allocator rounding and block reuse, foreach optimizers and host-side step "
-        "counters are modelled; cuBLAS/cuDNN workspaces, CUDA autocast lists and the GPU's attention "
-        "backend are not yet (attention is assumed fused wherever the CPU fuses it).",
+        "CUDA target (an H100-class GPU): caching-allocator rounding and block reuse, foreach optimizers, "
+        "host-side step counters, fused dropout masks and the flash / memory-efficient attention choice "
+        "are modelled; cuBLAS/cuDNN workspaces, the flash backward's float32 accumulators and CUDA's "
+        "own autocast lists (CPU autocast stands in) are not yet.",
     ),
 )
 

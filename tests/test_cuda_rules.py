@@ -1,0 +1,145 @@
+"""The CUDA target's rules, each checked on a small case with the bytes a CUDA run would allocate.
+
+Nothing here needs a GPU: the rules decide what the traced step does, and the allocations it makes are
+read off the report.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import memtrace
+from memtrace import Category
+from memtrace.targets import cuda_sdp_backend
+
+from tiny_models import make_mlp
+
+
+def allocations_of(report, op: str):
+    return [a for a in report.allocations if a.op == op]
+
+
+class DropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(256, 256)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.drop(self.lin(x))
+
+
+def test_dropout_keeps_a_bool_mask_on_cuda():
+    # CUDA runs native_dropout: output (64*256 floats) and a bool mask of 64*256 B kept for backward.
+    r = memtrace.report(DropoutNet(), (64, 256), optimizer="sgd", device="cuda", steps=1)
+    (output, mask) = allocations_of(r, "aten.native_dropout.default")
+    assert (output.requested_bytes, mask.requested_bytes) == (64 * 256 * 4, 64 * 256)
+    assert mask.category is Category.ACTIVATION
+
+
+def test_dropout_keeps_a_float_noise_tensor_on_cpu():
+    # The CPU builds the noise as empty_like(input).bernoulli_() in the input's dtype: 64*256*4 B.
+    r = memtrace.report(DropoutNet(), (64, 256), optimizer="sgd", device="cpu", steps=1)
+    assert not allocations_of(r, "aten.native_dropout.default")
+    noise = [a for a in r.allocations if a.op == "aten.empty_like.default" and a.module == "drop"]
+    assert [a.requested_bytes for a in noise] == [64 * 256 * 4]
+    assert noise[0].category is Category.ACTIVATION
+
+
+def test_dropout_in_eval_mode_is_not_replaced():
+    model = DropoutNet().eval()
+    r = memtrace.report(model, (64, 256), device="cuda", train=False)
+    assert not allocations_of(r, "aten.native_dropout.default")
+
+
+class Attention(nn.Module):
+    def __init__(self, heads: int, head_dim: int, mask: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.head_dim, self.mask, self.dropout = heads, head_dim, mask, dropout
+        self.qkv = nn.Linear(heads * head_dim, 3 * heads * head_dim, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
+        mask = torch.ones(t, t, dtype=torch.bool).tril() if self.mask else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
+        return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def attention_report(dtype, **kwargs):
+    b, t = 2, 256
+    model = Attention(4, 64, **kwargs)
+    return memtrace.report(model, (b, t, 256), dtype=dtype, optimizer="sgd", device="cuda", steps=1)
+
+
+def test_half_attention_runs_flash_and_saves_logsumexp():
+    # Flash saves the output and a float32 logsumexp [B, H, L]: 2*4*256*4 B; no [B, H, L, L] matrix.
+    r = attention_report(torch.bfloat16)
+    out, lse = allocations_of(r, "aten._scaled_dot_product_flash_attention_for_cpu.default")
+    assert lse.requested_bytes == 2 * 4 * 256 * 4 and lse.category is Category.ACTIVATION
+    assert max(a.requested_bytes for a in r.allocations) < 2 * 4 * 256 * 256 * 2
+
+
+def test_float32_attention_runs_memory_efficient_kernel():
+    # fp32 has no flash kernel: memory-efficient attention, whose logsumexp is [B, H, ceil(L/32)*32].
+    r = attention_report(torch.float32, dropout=0.1)
+    allocs = allocations_of(r, "aten._scaled_dot_product_efficient_attention.default")
+    assert 2 * 4 * 256 * 4 in [a.requested_bytes for a in allocs]
+    assert max(a.requested_bytes for a in r.allocations) < 2 * 4 * 256 * 256 * 4
+
+
+def test_masked_half_attention_falls_back_to_memory_efficient():
+    r = attention_report(torch.float16, mask=True)
+    assert allocations_of(r, "aten._scaled_dot_product_efficient_attention.default")
+    assert not allocations_of(r, "aten._scaled_dot_product_flash_attention_for_cpu.default")
+
+
+def test_cpu_target_keeps_the_cpu_choice():
+    # With dropout the CPU has no fused kernel and materialises the [B, H, L, L] probabilities.
+    model = Attention(4, 64, dropout=0.1)
+    r = memtrace.report(model, (2, 256, 256), optimizer="sgd", device="cpu", steps=1)
+    assert max(a.requested_bytes for a in r.allocations) >= 2 * 4 * 256 * 256 * 4
+
+
+@pytest.mark.parametrize("dtype, head_dim, mask, expected", [
+    (torch.bfloat16, 128, False, "flash"),
+    (torch.float16, 256, False, "flash"),
+    (torch.float16, 320, False, "efficient"),  # flash stops at 256
+    (torch.float16, 64, True, "efficient"),  # flash takes no mask
+    (torch.float32, 64, False, "efficient"),
+    (torch.float32, 62, False, "math"),  # rows not 16-byte aligned
+    (torch.float64, 64, False, "math"),
+])
+def test_backend_choice(dtype, head_dim, mask, expected):
+    with torch.device("meta"):
+        q = torch.empty(2, 4, 16, head_dim, dtype=dtype)
+        m = torch.empty(16, 16, dtype=torch.bool) if mask else None
+    assert cuda_sdp_backend(q, q, q, m, 0.0, False) == expected
+
+
+def test_no_flash_before_ampere():
+    with torch.device("meta"):
+        q = torch.empty(2, 4, 16, 64, dtype=torch.float16)
+    assert cuda_sdp_backend(q, q, q, None, 0.0, False, capability=(7, 5)) == "efficient"
+
+
+def test_llama_at_4096_tokens_holds_no_attention_matrix():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=256, intermediate_size=512,
+                                             num_attention_heads=4, num_key_value_heads=4, vocab_size=1000))
+    ids = torch.empty(1, 4096, dtype=torch.long, device="meta")
+    r = memtrace.report(model, inputs={"input_ids": ids, "labels": ids}, amp="bf16", steps=1)
+    attention_matrix = 1 * 4 * 4096 * 4096 * 2  # B*H*L*L in bf16
+    assert max(a.requested_bytes for a in r.allocations) < attention_matrix
+
+
+def test_rules_leave_the_mlp_alone():
+    # No dropout, no attention: the CUDA and CPU targets trace the same ops.
+    cuda = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", device="cuda")
+    cpu = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", device="cpu")
+    assert [a.op for a in cuda.allocations] == [a.op for a in cpu.allocations]
