@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .options import Category, Options, Phase
 from .step import build_optimizer, make_inputs, run_steps
-from .targets import TARGETS, FunctionRules, Target
+from .targets import FunctionRules, Target, target_for
 from .tracer import ModuleCall, StorageRecord, StorageTracker
 
 
@@ -161,8 +161,8 @@ def _install_hooks(model, infos, tracker) -> list:
 
 
 def trace(model: torch.nn.Module, options: Options) -> Trace:
-    target = TARGETS[options.device]
-    tracker = StorageTracker(target.rules.ops)
+    target = target_for(options.device, options.gpu)
+    tracker = StorageTracker(target)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     phase_starts: list[tuple[Phase, int, int]] = []
     grad_records: dict[str, list[StorageRecord]] = {}
@@ -229,7 +229,7 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
             return t
 
         try:
-            rules = FunctionRules(target.rules) if target.rules.functions else contextlib.nullcontext()
+            rules = FunctionRules(target) if target.rules.functions else contextlib.nullcontext()
             with rules, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 run_steps(fake_model, options, new_inputs, optimizer, scaler, "cpu", on_phase)
         except Exception as exc:

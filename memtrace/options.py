@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .gpus import DEFAULT_GPU, GPU, lookup
+
 
 class Category(str, enum.Enum):
     """What a byte of memory is for, at the moment it is live."""
@@ -85,6 +87,7 @@ class Options:
     device: str = "cuda"
     steps: int = 2
     train: bool = True
+    gpu: GPU | None = None  # the card a CUDA run is predicted for
 
     @property
     def amp_name(self) -> str:
@@ -176,6 +179,7 @@ def parse_options(
     device: Any = "cuda",
     steps: Any = 2,
     train: Any = True,
+    gpu: Any = None,
 ) -> Options:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model is a {type(model).__name__}, expected a torch.nn.Module")
@@ -200,6 +204,9 @@ def parse_options(
     dev = dev.split(":", 1)[0] if dev.split(":", 1)[-1].isdigit() else dev  # "cuda:1" predicts a CUDA run too
     if dev not in DEVICES:
         raise ValueError(f"device={device!r} is unknown; valid: {_choices(DEVICES)}")
+    if gpu is not None and dev != "cuda":
+        raise ValueError(f"gpu={gpu!r} given with device={device!r}; gpu= names the card of a device='cuda' run")
+    card = lookup(gpu if gpu is not None else DEFAULT_GPU) if dev == "cuda" else None
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn={loss_fn!r} is not callable; expected callable(output, inputs) -> scalar tensor")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -219,4 +226,5 @@ def parse_options(
         device=dev,
         steps=steps,
         train=train,
+        gpu=card,
     )

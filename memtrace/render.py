@@ -59,7 +59,8 @@ def summary(report) -> str:
     mode = "training" if s["train"] else "inference"
     lines = [
         f"memtrace: {report.model} — {report.param_count:,} parameters ({report.trainable_param_count:,} trainable)",
-        f"{mode} on {report.device} ({report.allocator} allocator model), optimizer {s['optimizer']}, "
+        f"{mode} on {report.device}{' (' + s['gpu'] + ')' if s.get('gpu') else ''}, {report.allocator} "
+        f"allocator model, optimizer {s['optimizer']}, "
         f"amp {s['amp']}, dtype {s['dtype']}, {s['steps']} step(s); inputs {inputs}",
         f"Predicted peak: {_exact(report.peak_bytes)} in iteration {report.peak.iteration}, "
         f"{report.peak.phase.value}, {_place(report.peak.module)} ({report.peak.op})",

@@ -147,6 +147,7 @@ def _settings(options: Options) -> dict[str, Any]:
         "dtype": str(options.dtype).removeprefix("torch."),
         "steps": options.steps,
         "train": options.train,
+        "gpu": options.gpu.name if options.gpu else None,
         "inputs": [
             {"key": s.key, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
             for s in options.inputs

@@ -18,12 +18,15 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .allocator import CudaCachingAllocator, ExactAllocator
+from .gpus import DEFAULT_GPU, GPU, lookup
+from .options import Category, Phase
 
 
 class RuleSet:
-    """What a device does differently, as handlers(func, args, kwargs) keyed by what they replace:
-    ``ops`` by aten overload (seen below autograd), ``functions`` by torch function (seen above autograd,
-    so a replacement builds its own autograd graph). Registering one twice is a mistake, not an override."""
+    """What a device does differently, as handlers keyed by what they replace: ``ops`` by aten overload,
+    seen below autograd, called ``handler(tracker, func, args, kwargs)``; ``functions`` by torch function,
+    seen above autograd so a replacement builds its own autograd graph, called ``handler(target, func,
+    args, kwargs)``. Registering one twice is a mistake, not an override."""
 
     def __init__(self, name: str):
         self.name = name
@@ -49,24 +52,21 @@ class RuleSet:
 class FunctionRules(TorchFunctionMode):
     """Applies a RuleSet's torch-function rules while the step is traced."""
 
-    def __init__(self, rules: RuleSet):
+    def __init__(self, target: Target):
         super().__init__()
-        self.table = rules.functions
+        self.target = target
+        self.table = target.rules.functions
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         handler = self.table.get(func)
         if handler is None:
             return func(*args, **(kwargs or {}))
-        return handler(func, args, kwargs or {})
+        return handler(self.target, func, args, kwargs or {})
 
 
 CPU_RULES = RuleSet("cpu")  # the fake CPU run is the CPU run: the CPU kernels' own choices apply
 
 CUDA_RULES = RuleSet("cuda")
-
-# The GPU whose choices the CUDA target follows, until a GPU can be named: compute capability 9.0
-# (H100 class), where flash attention and bf16 are available.
-CUDA_CAPABILITY = (9, 0)
 
 
 def _arguments(signature_of, args, kwargs) -> dict:
@@ -81,7 +81,7 @@ def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
 
 
 @CUDA_RULES.function(F.dropout)
-def _fused_dropout(func, args, kwargs):
+def _fused_dropout(target, func, args, kwargs):
     # aten/src/ATen/native/Dropout.cpp, dropout(): on CUDA (is_fused_kernel_acceptable) training-mode
     # dropout with 0 < p < 1 is native_dropout, whose backward keeps a bool mask (1 B per element); the CPU
     # path keeps a noise tensor of the input's dtype instead.
@@ -92,7 +92,7 @@ def _fused_dropout(func, args, kwargs):
     return torch.native_dropout(x, p, True)[0]
 
 
-def cuda_sdp_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa=False, capability=CUDA_CAPABILITY) -> str:
+def cuda_sdp_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa=False, capability=(9, 0)) -> str:
     """The backend CUDA's scaled_dot_product_attention picks, in its default priority order flash >
     memory-efficient > math (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, use_flash_attention
     and use_mem_efficient_attention), for dense 4-D inputs."""
@@ -115,14 +115,14 @@ def cuda_sdp_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa=False,
 
 
 @CUDA_RULES.function(F.scaled_dot_product_attention)
-def _attention_as_on_cuda(func, args, kwargs):
+def _attention_as_on_cuda(target, func, args, kwargs):
     # A fake CPU run asks the CPU's backend choice (flash for CPU without dropout, math with it); a GPU
     # picks flash or memory-efficient attention, which save only the output and a float32 logsumexp.
     # Their fake kernels are device-agnostic, so the CUDA choice is run through them directly.
     a = _arguments(_sdpa_signature, args, kwargs)
     q, k, v, mask, dropout_p = a["query"], a["key"], a["value"], a["attn_mask"], a["dropout_p"]
     is_causal, scale, gqa = a["is_causal"], a["scale"], a["enable_gqa"]
-    backend = cuda_sdp_backend(q, k, v, mask, dropout_p, is_causal, gqa)
+    backend = cuda_sdp_backend(q, k, v, mask, dropout_p, is_causal, gqa, target.gpu.capability)
     if backend == "flash" and not gqa:
         # the CPU flash kernel saves what CUDA's does: the output and logsumexp [B, H, L] in float32
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -134,6 +134,23 @@ def _attention_as_on_cuda(func, args, kwargs):
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, mask, needs_lse, dropout_p, is_causal, scale=scale)[0]
     return func(*args, **kwargs)
+
+
+_GEMMS = [getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "_addmm_activation")]
+
+
+@CUDA_RULES.op(*_GEMMS)
+def _cublas_workspace(tracker, func, args, kwargs):
+    # aten/src/ATen/cuda/CublasHandlePool.cpp: the first cuBLAS call on a (handle, stream) pair allocates
+    # a workspace through the caching allocator and keeps it. Handles are per thread, and the autograd
+    # engine runs CUDA backward on its own device thread, so backward's first GEMM gets a second one
+    # (unverified on a GPU).
+    out = func(*args, **kwargs)
+    thread = "autograd thread" if tracker.where.phase is Phase.BACKWARD else "main thread"
+    tracker.allocate_persistent(("cublas", thread), tracker.target.gpu.cublas_workspace_bytes(),
+                                Category.WORKSPACE, f"cuBLAS workspace ({thread})")
+    return out
 
 
 def _keep_optimizer_default(opt: torch.optim.Optimizer) -> None:
@@ -165,29 +182,27 @@ class Target:
     prepare_optimizer: Callable[[torch.optim.Optimizer], None]
     host_resident: Callable[..., bool]
     allocator: object
+    gpu: GPU | None = None
     notes: tuple[str, ...] = field(default=())
 
 
-CPU = Target(
-    name="cpu",
-    rules=CPU_RULES,
-    prepare_optimizer=_keep_optimizer_default,
-    host_resident=_nothing_on_host,
-    allocator=ExactAllocator(),
-)
-
-CUDA = Target(
-    name="cuda",
-    rules=CUDA_RULES,
-    prepare_optimizer=_foreach_as_on_cuda,
-    host_resident=_step_counter_on_host,
-    allocator=CudaCachingAllocator(),
-    notes=(
-        "CUDA target (an H100-class GPU): caching-allocator rounding and block reuse, foreach optimizers, "
-        "host-side step counters, fused dropout masks and the flash / memory-efficient attention choice "
-        "are modelled; cuBLAS/cuDNN workspaces, the flash backward's float32 accumulators and CUDA's "
-        "own autocast lists (CPU autocast stands in) are not yet.",
-    ),
-)
-
-TARGETS = {"cpu": CPU, "cuda": CUDA}
+def target_for(device: str, gpu: GPU | None = None) -> Target:
+    if device == "cpu":
+        return Target(name="cpu", rules=CPU_RULES, prepare_optimizer=_keep_optimizer_default,
+                      host_resident=_nothing_on_host, allocator=ExactAllocator())
+    gpu = gpu or lookup(DEFAULT_GPU)
+    return Target(
+        name="cuda",
+        rules=CUDA_RULES,
+        prepare_optimizer=_foreach_as_on_cuda,
+        host_resident=_step_counter_on_host,
+        allocator=CudaCachingAllocator(),
+        gpu=gpu,
+        notes=(
+            f"CUDA target ({gpu.name}, {gpu.sm}): caching-allocator rounding and block reuse, foreach "
+            "optimizers, host-side step counters, fused dropout masks, the flash / memory-efficient attention "
+            "choice and cuBLAS workspaces (one per thread: the autograd thread's is unverified) are "
+            "modelled; cuDNN convolution workspaces, the flash backward's float32 accumulators and CUDA's "
+            "own autocast lists (CPU autocast stands in) are not yet.",
+        ),
+    )

@@ -88,8 +88,10 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 class StorageTracker(TorchDispatchMode):
-    def __init__(self, dispatch_rules=None):
+    def __init__(self, target):
         super().__init__()
+        self.target = target
+        self.dispatch_rules = target.rules.ops
         self.records: list[StorageRecord] = []
         # the allocation order: (record index, True) for an allocation, (record index, False) for its free
         self.events: list[tuple[int, bool]] = []
@@ -100,7 +102,6 @@ class StorageTracker(TorchDispatchMode):
         self.where = ModuleCall()
         self.module_stack: list[tuple[str, tuple]] = []  # (name, (type name, input shapes))
         self.last_op = None  # the op running when something fails, for the error message
-        self.dispatch_rules = dispatch_rules or {}
         # storage key -> (weakref whose callback records the free, records of that storage)
         self._live: dict[int, tuple[weakref.ref, list[StorageRecord]]] = {}
         # backward attribution: autograd sequence numbers at which the innermost module changed
@@ -108,6 +109,7 @@ class StorageTracker(TorchDispatchMode):
         self._seq_names: list[str] = []
         self.param_module: dict[int, str] = {}
         self._watched: set[int] = set()  # sequence numbers of backward nodes given a post-hook
+        self._persistent: set = set()
         self._accumulating = None  # sequence number of the node whose outputs the engine is summing
 
     # ---- ops -----------------------------------------------------------------------------
@@ -118,7 +120,7 @@ class StorageTracker(TorchDispatchMode):
             self.watch_backward_node()
         rule = self.dispatch_rules.get(func)
         try:
-            out = rule(func, args, kwargs) if rule is not None else func(*args, **kwargs)
+            out = rule(self, func, args, kwargs) if rule is not None else func(*args, **kwargs)
         except DataDependentOutputException:
             out = self._assume(func, args)
         self.op_count += 1
@@ -199,6 +201,16 @@ class StorageTracker(TorchDispatchMode):
         self.events.append((rec.index, True))
         self.event_ops.append(self.op_count)
         group.append(rec)
+
+    def allocate_persistent(self, key, nbytes: int, category: Category, label: str) -> None:
+        """An allocation no tensor shows (a library's workspace), made once per key and kept to the end."""
+        if key in self._persistent:
+            return
+        self._persistent.add(key)
+        birth = self.where.birth
+        self.where.birth = category
+        self._alloc([], nbytes, label)
+        self.where.birth = birth
 
     def _freed_callback(self, key):
         def freed(_ref):

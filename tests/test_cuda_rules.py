@@ -22,6 +22,11 @@ def allocations_of(report, op: str):
     return [a for a in report.allocations if a.op == op]
 
 
+def largest_traced(report) -> int:
+    """The largest allocation the step itself made (library workspaces aside)."""
+    return max(a.requested_bytes for a in report.allocations if a.category is not Category.WORKSPACE)
+
+
 class DropoutNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -80,7 +85,7 @@ def test_half_attention_runs_flash_and_saves_logsumexp():
     r = attention_report(torch.bfloat16)
     out, lse = allocations_of(r, "aten._scaled_dot_product_flash_attention_for_cpu.default")
     assert lse.requested_bytes == 2 * 4 * 256 * 4 and lse.category is Category.ACTIVATION
-    assert max(a.requested_bytes for a in r.allocations) < 2 * 4 * 256 * 256 * 2
+    assert largest_traced(r) < 2 * 4 * 256 * 256 * 2
 
 
 def test_float32_attention_runs_memory_efficient_kernel():
@@ -88,7 +93,7 @@ def test_float32_attention_runs_memory_efficient_kernel():
     r = attention_report(torch.float32, dropout=0.1)
     allocs = allocations_of(r, "aten._scaled_dot_product_efficient_attention.default")
     assert 2 * 4 * 256 * 4 in [a.requested_bytes for a in allocs]
-    assert max(a.requested_bytes for a in r.allocations) < 2 * 4 * 256 * 256 * 4
+    assert largest_traced(r) < 2 * 4 * 256 * 256 * 4
 
 
 def test_masked_half_attention_falls_back_to_memory_efficient():
@@ -101,7 +106,7 @@ def test_cpu_target_keeps_the_cpu_choice():
     # With dropout the CPU has no fused kernel and materialises the [B, H, L, L] probabilities.
     model = Attention(4, 64, dropout=0.1)
     r = memtrace.report(model, (2, 256, 256), optimizer="sgd", device="cpu", steps=1)
-    assert max(a.requested_bytes for a in r.allocations) >= 2 * 4 * 256 * 256 * 4
+    assert largest_traced(r) >= 2 * 4 * 256 * 256 * 4
 
 
 @pytest.mark.parametrize("dtype, head_dim, mask, expected", [
@@ -135,11 +140,58 @@ def test_llama_at_4096_tokens_holds_no_attention_matrix():
     ids = torch.empty(1, 4096, dtype=torch.long, device="meta")
     r = memtrace.report(model, inputs={"input_ids": ids, "labels": ids}, amp="bf16", steps=1)
     attention_matrix = 1 * 4 * 4096 * 4096 * 2  # B*H*L*L in bf16
-    assert max(a.requested_bytes for a in r.allocations) < attention_matrix
+    assert largest_traced(r) < attention_matrix
 
 
 def test_rules_leave_the_mlp_alone():
     # No dropout, no attention: the CUDA and CPU targets trace the same ops.
     cuda = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", device="cuda")
     cpu = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", device="cpu")
-    assert [a.op for a in cuda.allocations] == [a.op for a in cpu.allocations]
+    traced = [a.op for a in cuda.allocations if a.category is not Category.WORKSPACE]
+    assert traced == [a.op for a in cpu.allocations]
+
+
+@pytest.mark.parametrize("gpu, expected", [
+    ("H100", 4096 * 8 * 1024),  # ":4096:8" on compute capability 9.x and newer: 32 MiB
+    ("RTX 5090", 4096 * 8 * 1024),
+    ("A100", (4096 * 2 + 16 * 8) * 1024),  # ":4096:2:16:8" before: 8 MiB + 128 KiB
+    ("T4", (4096 * 2 + 16 * 8) * 1024),
+])
+def test_cublas_workspace_by_gpu(gpu, expected):
+    r = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", gpu=gpu)
+    workspaces = [a for a in r.allocations if a.category is Category.WORKSPACE]
+    # one for the main thread's handle at the first forward GEMM, one for the autograd thread's
+    assert [(a.op, a.requested_bytes, a.phase.value) for a in workspaces] == [
+        ("cuBLAS workspace (main thread)", expected, "forward"),
+        ("cuBLAS workspace (autograd thread)", expected, "backward"),
+    ]
+    assert all(a.free_event is None for a in workspaces)  # kept to the end, across iterations
+    assert r.by_category[Category.WORKSPACE] >= 2 * expected
+
+
+def test_cublas_workspace_config_overrides(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # 16 KiB x 8, as for deterministic runs
+    r = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", gpu="H100")
+    assert {a.requested_bytes for a in r.allocations if a.category is Category.WORKSPACE} == {16 * 8 * 1024}
+
+
+def test_no_workspace_without_gemm_or_on_cpu():
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())  # convolutions run on cuDNN, not cuBLAS
+    assert memtrace.report(conv, (2, 3, 8, 8), optimizer="sgd").by_category[Category.WORKSPACE] == 0
+    assert memtrace.report(make_mlp(), (3, 4), device="cpu").by_category[Category.WORKSPACE] == 0
+
+
+def test_unknown_gpu_and_gpu_on_cpu_are_rejected():
+    with pytest.raises(ValueError, match=r"gpu='K80' is unknown; valid: 'H100'"):
+        memtrace.report(make_mlp(), (3, 4), gpu="K80")
+    with pytest.raises(ValueError, match=r"gpu='T4' given with device='cpu'"):
+        memtrace.report(make_mlp(), (3, 4), gpu="T4", device="cpu")
+
+
+def test_gpu_decides_the_attention_kernel():
+    # A T4 (sm75) has no flash attention kernel; an H100 (sm90) does.
+    model = Attention(4, 64)
+    r = memtrace.report(model, (2, 256, 256), dtype=torch.float16, optimizer="sgd", gpu="T4", steps=1)
+    assert allocations_of(r, "aten._scaled_dot_product_efficient_attention.default")
+    r = memtrace.report(model, (2, 256, 256), dtype=torch.float16, optimizer="sgd", gpu="H100", steps=1)
+    assert allocations_of(r, "aten._scaled_dot_product_flash_attention_for_cpu.default")

@@ -1,0 +1,76 @@
+"""A small catalog of GPUs: the memory a card has and the compute capability that decides what CUDA does
+on it (which attention kernels exist, the cuBLAS workspace size)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_bytes: int  # nominal size of the card's memory
+    capability: tuple[int, int]
+
+    @property
+    def sm(self) -> str:
+        return f"sm{self.capability[0]}{self.capability[1]}"
+
+    def cublas_workspace_bytes(self, environ=os.environ) -> int:
+        """The cuBLAS workspace PyTorch allocates per (handle, stream) at the first GEMM.
+
+        aten/src/ATen/cuda/CublasHandlePool.cpp, getChosenWorkspaceSize: CUBLAS_WORKSPACE_CONFIG
+        (":SIZE_KiB:COUNT" pairs, summed) if set, else ":4096:8" (32 MiB) on compute capability 9.x and
+        newer and ":4096:2:16:8" (8 MiB + 128 KiB) before."""
+        config = environ.get("CUBLAS_WORKSPACE_CONFIG")
+        if config:
+            pairs = re.findall(r":(\d+):(\d+)", config)
+            if pairs:
+                return sum(int(size) * int(count) for size, count in pairs) * 1024
+        if self.capability >= (9, 0):
+            return 4096 * 8 * 1024
+        return (4096 * 2 + 16 * 8) * 1024
+
+
+_CATALOG = [
+    GPU("H100", 80 * GiB, (9, 0)),
+    GPU("H200", 141 * GiB, (9, 0)),
+    GPU("B200", 180 * GiB, (10, 0)),
+    GPU("A100-80GB", 80 * GiB, (8, 0)),
+    GPU("A100-40GB", 40 * GiB, (8, 0)),
+    GPU("L40S", 48 * GiB, (8, 9)),
+    GPU("L4", 24 * GiB, (8, 9)),
+    GPU("A10G", 24 * GiB, (8, 6)),
+    GPU("A6000", 48 * GiB, (8, 6)),
+    GPU("A5000", 24 * GiB, (8, 6)),
+    GPU("RTX 5090", 32 * GiB, (12, 0)),
+    GPU("RTX 4090", 24 * GiB, (8, 9)),
+    GPU("RTX 3090", 24 * GiB, (8, 6)),
+    GPU("V100-32GB", 32 * GiB, (7, 0)),
+    GPU("T4", 16 * GiB, (7, 5)),
+]
+DEFAULT_GPU = "H100"
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", name).lower()
+
+
+GPUS: dict[str, GPU] = {_key(g.name): g for g in _CATALOG}
+# common spellings of the same cards
+GPUS.update({_key("A100"): GPUS[_key("A100-80GB")], _key("V100"): GPUS[_key("V100-32GB")],
+             _key("H100-80GB"): GPUS[_key("H100")], _key("4090"): GPUS[_key("RTX 4090")],
+             _key("3090"): GPUS[_key("RTX 3090")], _key("5090"): GPUS[_key("RTX 5090")]})
+
+
+def lookup(name) -> GPU:
+    if isinstance(name, GPU):
+        return name
+    gpu = GPUS.get(_key(str(name)))
+    if gpu is None:
+        raise ValueError(f"gpu={name!r} is unknown; valid: {', '.join(repr(g.name) for g in _CATALOG)}")
+    return gpu
