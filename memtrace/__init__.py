@@ -16,11 +16,12 @@ from .gpus import GPU, GPUS
 from .options import Category, Phase, parse_options
 from .report import Allocation, LayerRow, Peak, PhaseSpan, Report, Timeline
 from .step import LossError
+from .measure import Measurement, measure
 from .units import format_bytes, parse_size
 
 __all__ = [
     "report", "Report", "LayerRow", "Peak", "PhaseSpan", "Timeline", "Allocation", "Category", "Phase",
-    "TraceError", "LossError", "format_bytes", "parse_size", "GPU", "GPUS",
+    "TraceError", "LossError", "format_bytes", "parse_size", "GPU", "GPUS", "measure", "Measurement",
 ]
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ def report(
     steps: int = 2,
     train: bool = True,
     gpu: Any = None,
+    verify: bool = False,
 ) -> Report:
     """Predict the peak allocated memory of ``steps`` training iterations of ``model``.
 
@@ -48,12 +50,29 @@ def report(
     peak; ``gpu=`` names the card of a CUDA run ("H100", "A100-80GB", "RTX 4090", "T4", ...; default
     H100), which decides the attention kernels available and the cuBLAS workspace size. The model is not
     modified and no memory of its size is allocated.
+
+    ``verify=True`` also runs the real step (``memtrace.measure``) on this machine's device of that kind
+    and puts the measured peak beside the prediction (``report.measured``, ``report.error_percent``);
+    without ``gpu=``, a CUDA prediction is then made for the GPU present.
     """
     from .engine import trace
+    from .gpus import present
     from .report import build_report
+
+    if verify and gpu is None and str(device).startswith("cuda"):
+        gpu = present()  # checked against this machine's GPU: predict for that card
 
     options = parse_options(
         model, input_shape=input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
         amp=amp, dtype=dtype, loss_fn=loss_fn, device=device, steps=steps, train=train, gpu=gpu,
     )
-    return build_report(model, options, trace(model, options))
+    result = build_report(model, options, trace(model, options))
+    if verify:
+        from dataclasses import replace
+
+        from .measure import measure
+
+        result = replace(result, measured=measure(
+            model, input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, amp=amp,
+            dtype=dtype, loss_fn=loss_fn, device=options.device, steps=steps, train=train))
+    return result

@@ -74,3 +74,13 @@ def lookup(name) -> GPU:
     if gpu is None:
         raise ValueError(f"gpu={name!r} is unknown; valid: {', '.join(repr(g.name) for g in _CATALOG)}")
     return gpu
+
+
+def present() -> GPU | None:
+    """The current CUDA device as a GPU, or None without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return GPU(props.name, props.total_memory, (props.major, props.minor))

@@ -1,13 +1,16 @@
-"""Measures the real step, for checking predictions: on the CPU with the profiler's allocation events.
+"""Measures the real step, to check predictions: on a CUDA GPU with the caching allocator's own peak
+statistics, on the CPU with the profiler's allocation events.
 
 The same ``run_steps`` that the tracer runs on fake tensors runs here on real ones, so both execute the
-same Python. The CPU allocator's peak is the running sum of the profiler's allocation events (frees are
-negative), taken over a region that starts before the model's copy is made, so it is absolute.
+same Python. Both measurements start before the model's copy is made, so they are absolute: on CUDA,
+``max_memory_allocated()`` less what the process already held; on the CPU, the running sum of the
+profiler's allocation events (frees are negative).
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 from time import time_ns
 from dataclasses import dataclass
 
@@ -23,12 +26,99 @@ class Measurement:
     device: str
     peak_bytes: int
     peak_by_phase: dict[str, int]
+    reserved_peak_bytes: int | None = None  # CUDA: max_memory_reserved() less what was reserved before
+    device_name: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "device_name": self.device_name, "peak_bytes": self.peak_bytes,
+                "peak_by_phase": dict(self.peak_by_phase), "reserved_peak_bytes": self.reserved_peak_bytes}
 
 
-def _real_input(spec: TensorSpec) -> torch.Tensor:
+def _real_input(spec: TensorSpec, device: str | torch.device = "cpu") -> torch.Tensor:
     if spec.dtype.is_floating_point:
-        return torch.randn(spec.shape, dtype=spec.dtype)
-    return torch.zeros(spec.shape, dtype=spec.dtype)  # valid token ids and labels for any vocabulary
+        return torch.randn(spec.shape, dtype=spec.dtype, device=device)
+    return torch.zeros(spec.shape, dtype=spec.dtype, device=device)  # valid token ids and labels for any vocabulary
+
+
+def _real_copy(model: torch.nn.Module, options: Options, device: torch.device) -> torch.nn.Module:
+    """The user's model, copied onto ``device`` in the run's dtype. A model on the meta device has no
+    weights to copy: it is materialised uninitialised and given small random weights (memory is the
+    same whatever the values)."""
+    on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    real = copy.deepcopy(model)
+    if on_meta:
+        real = real.to_empty(device=device)
+        with torch.no_grad():
+            for p in real.parameters():
+                p.normal_(0.0, 0.02)
+            for b in real.buffers():
+                if b.is_floating_point():
+                    b.fill_(1.0)
+    real = real.to(device)
+    if options.dtype != torch.float32:
+        real = real.to(dtype=options.dtype)
+    return real.train(options.train)
+
+
+def measure(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
+    """Run ``steps`` real training iterations on the device ``report()`` would predict for (``device=``,
+    default "cuda") and return the measured peak. Takes the same arguments as ``memtrace.report``; leaves
+    no memory, state or RNG change behind."""
+    device = kwargs.get("device", "cuda")
+    device = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if device == "cpu":
+        return measure_cpu(model, input_shape, **kwargs)
+    return measure_cuda(model, input_shape, **kwargs)
+
+
+def measure_cuda(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
+    """Run the step for real on the current CUDA device; peaks from the caching allocator's statistics."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("memtrace.measure(device='cuda') needs a CUDA GPU, and torch.cuda.is_available() "
+                           "is False here; report() predicts without one")
+    kwargs = {k: v for k, v in kwargs.items() if k != "gpu"}  # the card is the one present
+    options: Options = parse_options(model, input_shape=input_shape, **{**kwargs, "device": "cuda"})
+    dev = torch.device("cuda", torch.cuda.current_device())
+    by_phase: dict[str, int] = {}
+    current = ["setup"]
+
+    def close_phase() -> None:
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        by_phase[current[0]] = max(by_phase.get(current[0], 0), peak)
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    def on_phase(phase: Phase, it: int) -> None:
+        close_phase()
+        current[0] = phase.value
+
+    with preserved_rng():
+        torch.manual_seed(0)
+        gc.collect()
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # a fresh process has none yet
+            torch._C._cuda_clearCublasWorkspaces()
+        base = torch.cuda.memory_allocated(dev)
+        reserved_base = torch.cuda.memory_reserved(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        reserved_peak = 0
+        try:
+            real = _real_copy(model, options, dev)
+            optimizer = build_optimizer(options, list(real.parameters()))
+            scaler = torch.amp.GradScaler("cuda") if (options.train and options.uses_grad_scaler) else None
+            run_steps(real, options, lambda: make_inputs(options.inputs, lambda s: _real_input(s, dev)),
+                      optimizer, scaler, "cuda", on_phase)
+            close_phase()
+            reserved_peak = torch.cuda.max_memory_reserved(dev) - reserved_base
+        finally:
+            real = optimizer = scaler = None
+            gc.collect()
+            torch.cuda.synchronize(dev)
+            torch.cuda.empty_cache()
+            if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+                torch._C._cuda_clearCublasWorkspaces()
+    return Measurement("cuda", max(by_phase.values()), by_phase, reserved_peak, torch.cuda.get_device_name(dev))
 
 
 def _allocation_events(prof):
@@ -48,6 +138,8 @@ def _allocation_events(prof):
 def measure_cpu(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
     """Run the step for real on the CPU under the profiler; returns the allocator's absolute peak."""
     options: Options = parse_options(model, input_shape=input_shape, **{**kwargs, "device": "cpu"})
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError("measuring on the CPU needs a model with real weights; this one is on the meta device")
     marks: list[tuple[str, int]] = []
 
     def on_phase(phase: Phase, it: int) -> None:
@@ -58,8 +150,7 @@ def measure_cpu(model: torch.nn.Module, input_shape=None, **kwargs) -> Measureme
     with preserved_rng(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         torch.manual_seed(0)
         marks.append(("setup", time_ns()))
-        real = copy.deepcopy(model).to(dtype=options.dtype) if options.dtype != torch.float32 else copy.deepcopy(model)
-        real.train(options.train)
+        real = _real_copy(model, options, torch.device("cpu"))
         optimizer = build_optimizer(options, list(real.parameters()))
         scaler = torch.amp.GradScaler("cpu") if (options.train and options.uses_grad_scaler) else None
         run_steps(real, options, lambda: make_inputs(options.inputs, _real_input), optimizer, scaler, "cpu",

@@ -65,8 +65,15 @@ def summary(report) -> str:
         f"Predicted peak: {_exact(report.peak_bytes)} in iteration {report.peak.iteration}, "
         f"{report.peak.phase.value}, {_place(report.peak.module)} ({report.peak.op})",
     ]
+    m = report.measured
+    if m is not None:
+        lines.append(f"Measured peak: {_exact(m.peak_bytes)} on {m.device_name or m.device}; prediction error "
+                     f"{report.error_percent:+.2f}%")
     if report.reserved_peak_bytes is not None:
-        lines.append(f"Reserved by the caching allocator (estimate): {format_bytes(report.reserved_peak_bytes, 2)}")
+        reserved = f"Reserved by the caching allocator (estimate): {format_bytes(report.reserved_peak_bytes, 2)}"
+        if m is not None and m.reserved_peak_bytes is not None:
+            reserved += f"; measured {format_bytes(m.reserved_peak_bytes, 2)}"
+        lines.append(reserved)
     return "\n".join(lines)
 
 

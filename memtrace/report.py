@@ -90,6 +90,14 @@ class Report:
     traced_ops: int
     assumptions: tuple[str, ...]
     notes: tuple[str, ...]
+    measured: Any = None  # a memtrace.measure.Measurement of the real step, with verify=True
+
+    @property
+    def error_percent(self) -> float | None:
+        """(predicted - measured) / measured, in percent, when the real step was measured."""
+        if self.measured is None or not self.measured.peak_bytes:
+            return None
+        return 100.0 * (self.peak_bytes - self.measured.peak_bytes) / self.measured.peak_bytes
 
     def layer(self, name: str) -> LayerRow:
         for row in self.layers:
@@ -120,6 +128,8 @@ class Report:
             },
             "assumptions": list(self.assumptions),
             "notes": list(self.notes),
+            "measured": None if self.measured is None else {**self.measured.to_dict(),
+                                                            "error_percent": self.error_percent},
         }
         if allocations:
             d["allocations"] = [

@@ -177,3 +177,18 @@ def test_phase_spans_stay_aligned_after_fusing_sums():
     assert (span.phase, span.iteration) == (r.peak.phase, r.peak.iteration)
     assert max(p.peak_bytes for p in r.timeline.phases) == r.peak_bytes
     assert r.timeline.phases[-1].end_event == len(r.timeline.allocated_bytes)
+
+
+def test_verify_puts_the_measurement_beside_the_prediction():
+    r = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", device="cpu", verify=True)
+    assert r.measured.device == "cpu" and r.measured.peak_bytes == r.peak_bytes == 672
+    assert r.error_percent == 0.0
+    assert "Measured peak: 672 B on cpu; prediction error +0.00%" in str(r)
+    assert r.to_dict()["measured"]["peak_bytes"] == 672
+
+
+def test_measuring_a_meta_model_on_the_cpu_is_refused():
+    with torch.device("meta"):
+        model = make_mlp()
+    with pytest.raises(ValueError, match="needs a model with real weights"):
+        measure_cpu(model, (3, 4))
