@@ -129,10 +129,17 @@ def _attention_as_on_cuda(target, func, args, kwargs):
             q, k, v, dropout_p, is_causal, scale=scale)[0]
     if backend == "efficient":
         if mask is not None:
+            if mask.dtype == torch.bool:  # attention.cpp, convert_boolean_attn_mask: a float bias is made
+                mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(mask.logical_not(), float("-inf"))
             mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, mask, needs_lse, dropout_p, is_causal, scale=scale)[0]
+    if backend == "math":
+        # not func(...): on CPU tensors that would ask the CPU's choice again, which may be flash
+        extra = {"enable_gqa": True} if gqa else {}
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            q, k, v, mask, dropout_p, is_causal, scale=scale, **extra)[0]
     return func(*args, **kwargs)
 
 

@@ -102,6 +102,16 @@ def test_masked_half_attention_falls_back_to_memory_efficient():
     assert not allocations_of(r, "aten._scaled_dot_product_flash_attention_for_cpu.default")
 
 
+def test_misaligned_head_dim_runs_math_and_holds_the_attention_matrix():
+    # fp32 rows of 62 floats are not 16-byte aligned: no fused kernel on CUDA, so the [B, H, L, L]
+    # probabilities (2*4*256*256*4 B) are materialised, although a CPU would run its flash kernel here.
+    model = Attention(4, 62)
+    r = memtrace.report(model, (2, 256, 248), optimizer="sgd", device="cuda", steps=1)
+    assert largest_traced(r) >= 2 * 4 * 256 * 256 * 4
+    cpu = memtrace.report(model, (2, 256, 248), optimizer="sgd", device="cpu", steps=1)
+    assert largest_traced(cpu) < 2 * 4 * 256 * 256 * 4
+
+
 def test_cpu_target_keeps_the_cpu_choice():
     # With dropout the CPU has no fused kernel and materialises the [B, H, L, L] probabilities.
     model = Attention(4, 64, dropout=0.1)
