@@ -236,9 +236,8 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
         spans.append(PhaseSpan(ph, it, start, end, span_peak))
 
     layers = _layer_rows(trace, charged)
-    param_count = sum(p.numel() for p in _unique_params(model))
-    trainable = sum(p.numel() for p in _unique_params(model) if p.requires_grad)
-    notes = list(trace.target.notes)
+    param_count = sum(p.numel() for p in model.parameters())  # each shared parameter once
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assumptions = tuple(_explain_assumption(a, options) for a in _dedupe(trace.assumptions))
     return Report(
         model=type(model).__name__,
@@ -256,7 +255,7 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
         reserved_peak_bytes=charges.reserved_peak_bytes if trace.target.name == "cuda" else None,
         traced_ops=trace.op_count,
         assumptions=assumptions,
-        notes=tuple(notes),
+        notes=trace.target.notes,
     )
 
 
@@ -279,10 +278,6 @@ def _dedupe(assumptions):
         if key not in seen:
             seen.add(key)
             yield a
-
-
-def _unique_params(model: torch.nn.Module):
-    return model.parameters()  # parameters() already yields each shared parameter once
 
 
 def _layer_rows(trace: Trace, charged: dict[int, int]) -> tuple[LayerRow, ...]:
