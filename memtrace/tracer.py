@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover
 
 _ACCUMULATE_GRAD = "torch::autograd::AccumulateGrad"
 _ADD = torch.ops.aten.add.Tensor
+_DEVICE = torch.ops.prim.device.default
 
 
 @dataclass
@@ -114,6 +115,8 @@ class StorageTracker(TorchDispatchMode):
 
     # ---- ops -----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE:  # the autograd engine asks every tensor's device; nothing to account
+            return func(*args, **(kwargs or {}))
         kwargs = kwargs or {}
         self.last_op = func
         if self.where.phase is Phase.BACKWARD:
@@ -147,10 +150,10 @@ class StorageTracker(TorchDispatchMode):
     # is distributing the node's outputs) and ``fuse_accumulations`` undoes those that were in place.
     def watch_backward_node(self) -> None:
         node = torch._C._current_autograd_node()
-        if node is None or node.name() == _ACCUMULATE_GRAD:
+        if node is None:
             return
         seq = node._sequence_nr()  # nodes cannot be weakly referenced, and a strong one keeps the graph
-        if seq not in self._watched:
+        if seq not in self._watched and node.name() != _ACCUMULATE_GRAD:
             self._watched.add(seq)
             node.register_hook(lambda grad_inputs, grad_outputs, _seq=seq: self._set_accumulating(_seq))
 
