@@ -71,6 +71,11 @@ def measure(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
     return measure_cuda(model, input_shape, **kwargs)
 
 
+def _clear_cublas_workspaces() -> None:
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
+
+
 def measure_cuda(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
     """Run the step for real on the current CUDA device; peaks from the caching allocator's statistics."""
     if not torch.cuda.is_available():
@@ -97,8 +102,7 @@ def measure_cuda(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurem
         gc.collect()
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
-        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # a fresh process has none yet
-            torch._C._cuda_clearCublasWorkspaces()
+        _clear_cublas_workspaces()  # a fresh process has none yet
         base = torch.cuda.memory_allocated(dev)
         reserved_base = torch.cuda.memory_reserved(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -116,8 +120,7 @@ def measure_cuda(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurem
             gc.collect()
             torch.cuda.synchronize(dev)
             torch.cuda.empty_cache()
-            if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
-                torch._C._cuda_clearCublasWorkspaces()
+            _clear_cublas_workspaces()
     return Measurement("cuda", max(by_phase.values()), by_phase, reserved_peak, torch.cuda.get_device_name(dev))
 
 

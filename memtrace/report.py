@@ -170,9 +170,8 @@ def _canonical_events(trace: Trace) -> list[tuple[tuple[int, bool], int]]:
 
     Such frees are simultaneous (e.g. autocast clearing its cast cache walks a hash map whose order
     depends on addresses); sorting them makes two estimates of the same step identical."""
-    paired = list(zip(trace.events, trace.event_ops))
     out, run = [], []
-    for item in paired:
+    for item in zip(trace.events, trace.event_ops):
         (_, is_alloc), op = item
         if not is_alloc and (not run or run[-1][1] == op):
             run.append(item)

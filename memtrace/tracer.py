@@ -50,7 +50,7 @@ class StorageRecord:
     saved: bool = False  # saved for backward by an autograd node
     role: Category | None = None  # gradient or optimizer state, learnt after birth
     host: bool = False  # lives in host memory on the target device (e.g. Adam's step counter on CUDA)
-    accumulates: tuple[int, ...] = ()  # the engine's buffered gradient this sum could have been made in
+    sums_into: int | None = None  # record of the engine's buffered gradient this sum could have reused
 
     @property
     def category(self) -> Category:
@@ -172,7 +172,7 @@ class StorageTracker(TorchDispatchMode):
             return  # a view shares its storage with its base: the engine sums out of place
         operand = self.record_of(old_var)
         if operand is not None:
-            rec.accumulates = (operand.index,)
+            rec.sums_into = operand.index
 
     def _assume(self, func, args):
         value: object = 0
@@ -194,10 +194,10 @@ class StorageTracker(TorchDispatchMode):
         if grown > 0:  # resize_ grew a storage in place: the growth is a new allocation
             self._alloc(entry[1], grown, func)
 
-    def _alloc(self, group: list[StorageRecord], nbytes: int, func) -> None:
+    def _alloc(self, group: list[StorageRecord], nbytes: int, func, birth: Category | None = None) -> None:
         where = self.where
         rec = StorageRecord(
-            index=len(self.records), nbytes=nbytes, birth=where.birth, module=self.current_module(),
+            index=len(self.records), nbytes=nbytes, birth=birth or where.birth, module=self.current_module(),
             phase=where.phase, iteration=where.iteration, op=func, alloc_event=len(self.events),
         )
         self.records.append(rec)
@@ -210,10 +210,7 @@ class StorageTracker(TorchDispatchMode):
         if key in self._persistent:
             return
         self._persistent.add(key)
-        birth = self.where.birth
-        self.where.birth = category
-        self._alloc([], nbytes, label)
-        self.where.birth = birth
+        self._alloc([], nbytes, label, birth=category)
 
     def _freed_callback(self, key):
         def freed(_ref):
@@ -291,14 +288,14 @@ class StorageTracker(TorchDispatchMode):
         replace: dict[tuple[int, bool], tuple[int, bool] | None] = {}
         for pos, (index, is_alloc) in enumerate(self.events):
             rec = self.records[index]
-            if not (is_alloc and rec.accumulates):
+            if not is_alloc or rec.sums_into is None:
                 continue
             for later in range(pos + 1, len(self.events)):
                 other, other_alloc = self.events[later]
                 if other_alloc or ops[later] != ops[pos]:
                     break
                 operand = self.records[other]
-                if other in rec.accumulates and operand.nbytes == rec.nbytes and operand.birth is None:
+                if other == rec.sums_into and operand.nbytes == rec.nbytes and operand.birth is None:
                     replace[(other, True)] = (index, True)
                     replace[(other, False)] = None
                     replace[(index, True)] = None
