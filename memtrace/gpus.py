@@ -8,6 +8,17 @@ import re
 from dataclasses import dataclass
 
 GiB = 2**30
+MiB = 2**20
+
+# What a training process cannot use for tensors, subtracted from a card's memory to give the memory a
+# predicted allocated peak may reach (``GPU.usable_bytes``); both can be overridden per call.
+# - The CUDA context and the kernels of the CUDA libraries it loads live outside PyTorch's allocator
+#   (nvidia-smi shows them; max_memory_allocated does not): a few hundred MiB with lazy module loading,
+#   over 1 GiB without it.
+CONTEXT_ALLOWANCE_BYTES = 1 * GiB
+# - The caching allocator reserves whole segments, so reserved memory exceeds the allocated peak; the
+#   share of the remaining memory kept for that gap.
+FRAGMENTATION_ALLOWANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -15,6 +26,15 @@ class GPU:
     name: str
     memory_bytes: int  # nominal size of the card's memory
     capability: tuple[int, int]
+
+    def usable_bytes(self, context_bytes: int = CONTEXT_ALLOWANCE_BYTES,
+                     fragmentation: float = FRAGMENTATION_ALLOWANCE) -> int:
+        """The allocated peak this card can hold: its memory less the CUDA context and a fragmentation
+        share (reserved minus allocated) of what is left."""
+        if context_bytes < 0 or not 0 <= fragmentation < 1:
+            raise ValueError(f"context_bytes must be >= 0 and 0 <= fragmentation < 1, got {context_bytes}, "
+                             f"{fragmentation}")
+        return int((self.memory_bytes - context_bytes) * (1 - fragmentation))
 
     @property
     def sm(self) -> str:
