@@ -141,16 +141,37 @@ def test_no_flash_before_ampere():
     assert cuda_sdp_backend(q, q, q, None, 0.0, False, capability=(7, 5)) == "efficient"
 
 
-def test_llama_at_4096_tokens_holds_no_attention_matrix():
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention, passed with enable_gqa
+def test_llama_at_4096_tokens_holds_no_attention_matrix(kv_heads):
+    # Rotary embeddings leave q and k in float32 under AMP; CUDA autocast casts them back to bf16 for
+    # attention, so flash runs (it takes grouped key/value heads as they are).
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=256, intermediate_size=512,
-                                             num_attention_heads=4, num_key_value_heads=4, vocab_size=1000))
+                                             num_attention_heads=4, num_key_value_heads=kv_heads, vocab_size=1000))
     ids = torch.empty(1, 4096, dtype=torch.long, device="meta")
     r = memtrace.report(model, inputs={"input_ids": ids, "labels": ids}, amp="bf16", steps=1)
     attention_matrix = 1 * 4 * 4096 * 4096 * 2  # B*H*L*L in bf16
     assert largest_traced(r) < attention_matrix
+    assert allocations_of(r, "aten._scaled_dot_product_flash_attention_for_cpu.default")
+
+
+class Float32Attention(Attention):
+    """Attention whose q, k, v are float32 under AMP, as after a float32 rotary embedding."""
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).float().view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+
+
+def test_attention_under_amp_runs_in_low_precision():
+    r = memtrace.report(Float32Attention(4, 64), (2, 256, 256), amp="fp16", optimizer="sgd", steps=1)
+    out, lse = allocations_of(r, "aten._scaled_dot_product_flash_attention_for_cpu.default")
+    assert out.requested_bytes == 2 * 4 * 256 * 64 * 2  # the output in fp16
+    no_amp = memtrace.report(Float32Attention(4, 64), (2, 256, 256), optimizer="sgd", steps=1)
+    assert not allocations_of(no_amp, "aten._scaled_dot_product_flash_attention_for_cpu.default")
 
 
 def test_rules_leave_the_mlp_alone():
