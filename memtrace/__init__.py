@@ -41,6 +41,7 @@ def report(
     train: bool = True,
     gpu: Any = None,
     verify: bool = False,
+    checkpoint: Any = None,
 ) -> Report:
     """Predict the peak allocated memory of ``steps`` training iterations of ``model``.
 
@@ -54,17 +55,24 @@ def report(
     ``verify=True`` also runs the real step (``memtrace.measure``) on this machine's device of that kind
     and puts the measured peak beside the prediction (``report.measured``, ``report.error_percent``);
     without ``gpu=``, a CUDA prediction is then made for the GPU present.
+
+    ``checkpoint="auto"`` traces the step with the model's repeated blocks (the children of an
+    ``nn.ModuleList`` or ``nn.Sequential`` of same-typed modules) under non-reentrant activation
+    checkpointing; a list of module names checkpoints those modules instead.
     """
     from .engine import trace
     from .gpus import present
     from .report import build_report
 
+    if verify and checkpoint:
+        raise ValueError("verify=True measures the step without checkpointing; give checkpoint=None to verify")
     if verify and gpu is None and str(device).startswith("cuda"):
         gpu = present()  # checked against this machine's GPU: predict for that card
 
     options = parse_options(
         model, input_shape=input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
         amp=amp, dtype=dtype, loss_fn=loss_fn, device=device, steps=steps, train=train, gpu=gpu,
+        checkpoint=checkpoint,
     )
     result = build_report(model, options, trace(model, options))
     if verify:

@@ -111,6 +111,47 @@ def _fake_copy(model: torch.nn.Module, options: Options, tracker: StorageTracker
         raise TraceError(f"cannot copy {type(model).__name__} to fake tensors: {exc}") from exc
 
 
+def _checkpoint_modules(model: torch.nn.Module, names: tuple[str, ...], tracker: StorageTracker,
+                        target: Target) -> None:
+    """Run the named modules of the fake copy under non-reentrant ``torch.utils.checkpoint``, as a user who
+    wraps their blocks does: only each block's inputs are saved in forward, and backward recomputes the
+    block. The tensors the recomputation saves for backward are activations too; the checkpoint's own
+    saved-tensor hook, innermost during recomputation, would hide them from the tracer's, so it is chained.
+    The autograd engine runs backward without the torch-function modes of the forward, so the target's
+    function rules are entered again for the recomputation to make the same choices (attention backend,
+    fused dropout) as the forward did."""
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(forward):
+        def recompute_aware(*args, **kwargs):
+            if tracker.where.phase is not Phase.BACKWARD:
+                return forward(*args, **kwargs)
+            inner_pack, inner_unpack = torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+            def pack(t):
+                tracker.mark_saved(t)
+                return inner_pack(t)
+
+            rules = FunctionRules(target) if target.rules.functions else contextlib.nullcontext()
+            with rules, torch.autograd.graph.saved_tensors_hooks(pack, inner_unpack):
+                return forward(*args, **kwargs)
+
+        def checkpointed(*args, **kwargs):
+            return checkpoint(recompute_aware, *args, use_reentrant=False, **kwargs)
+        return checkpointed
+
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules[name]
+        if any(c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__):
+            # a Hugging Face layer checkpoints itself as gradient_checkpointing_enable() makes it, dropping
+            # the key/value cache arguments that a recomputation would update a second time
+            module.gradient_checkpointing = True
+            module._gradient_checkpointing_func = lambda fn, *args, **kwargs: wrap(fn)(*args, **kwargs)
+        else:
+            module.forward = wrap(module.forward)
+
+
 def _module_infos(model: torch.nn.Module) -> list[ModuleInfo]:
     infos = []
     seen: set[int] = set()
@@ -173,6 +214,7 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
         phase_starts.append((Phase.SETUP, 0, 0))
         fake_model = _fake_copy(model, options, tracker)
         fake_model.train(options.train)
+        _checkpoint_modules(fake_model, options.checkpoint, tracker, target)
         infos = _module_infos(fake_model)
         params = {name: p for name, p in fake_model.named_parameters()}
         owner = {}

@@ -88,6 +88,7 @@ class Options:
     steps: int = 2
     train: bool = True
     gpu: GPU | None = None  # the card a CUDA run is predicted for
+    checkpoint: tuple[str, ...] = ()  # modules whose forward runs under torch.utils.checkpoint
 
     @property
     def amp_name(self) -> str:
@@ -180,6 +181,7 @@ def parse_options(
     steps: Any = 2,
     train: Any = True,
     gpu: Any = None,
+    checkpoint: Any = None,
 ) -> Options:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model is a {type(model).__name__}, expected a torch.nn.Module")
@@ -215,6 +217,7 @@ def parse_options(
         raise TypeError(f"train={train!r} must be True or False")
     if not train:
         opt_factory, opt_name, optimizer_kwargs = None, "none", None
+    checkpointed = parse_checkpoint(model, checkpoint) if train else ()
     return Options(
         inputs=specs,
         optimizer=opt_factory,
@@ -227,4 +230,46 @@ def parse_options(
         steps=steps,
         train=train,
         gpu=card,
+        checkpoint=checkpointed,
     )
+
+
+def repeated_blocks(model: torch.nn.Module) -> tuple[str, ...]:
+    """The model's repeated blocks: the children of every outermost ``nn.ModuleList`` or ``nn.Sequential``
+    holding two or more modules of one type that have parameters (a transformer's layers, a ResNet
+    stage's bottlenecks)."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
+            continue
+        if any(name == f or name.startswith(f + ".") for f in found):
+            continue
+        children = list(module.named_children())
+        if (len(children) >= 2 and len({type(c) for _, c in children}) == 1
+                and all(any(True for _ in c.parameters()) for _, c in children)):
+            found += [f"{name}.{child}" if name else child for child, _ in children]
+    return tuple(found)
+
+
+def parse_checkpoint(model: torch.nn.Module, checkpoint: Any) -> tuple[str, ...]:
+    """``None``/``False``: no checkpointing; ``"auto"``/``True``: the repeated blocks; a list of module names."""
+    if checkpoint is None or checkpoint is False:
+        return ()
+    if checkpoint is True or (isinstance(checkpoint, str) and checkpoint.lower() == "auto"):
+        blocks = repeated_blocks(model)
+        if not blocks:
+            raise ValueError(f"checkpoint={checkpoint!r}: {type(model).__name__} has no repeated blocks (an "
+                             "nn.ModuleList or nn.Sequential of same-typed modules); name the modules instead")
+        return blocks
+    names = [checkpoint] if isinstance(checkpoint, str) else checkpoint
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"checkpoint={checkpoint!r} must be None, 'auto' or a list of module names")
+    modules = dict(model.named_modules())
+    for n in names:
+        if n not in modules or not n:
+            raise ValueError(f"checkpoint= names {n!r}, which is not a submodule of {type(model).__name__} "
+                             "(valid: dotted names from model.named_modules())")
+    nested = [n for n in names if any(n.startswith(o + ".") for o in names)]
+    if nested:
+        raise ValueError(f"checkpoint= names {nested[0]!r} inside another checkpointed module; name one of them")
+    return tuple(names)

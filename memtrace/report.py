@@ -145,6 +145,18 @@ class Report:
 
         return render_report(self, depth=depth)
 
+    def plot(self, path, **kwargs) -> None:
+        """Draw allocated bytes over the step, stacked by category, into ``path``; see ``memtrace.plot.plot``."""
+        from .plot import plot
+
+        plot(self, path, **kwargs)
+
+    def save_snapshot(self, path) -> None:
+        """Write the predicted allocations as a CUDA memory snapshot pickle, for pytorch.org/memory_viz."""
+        from .snapshot import save_snapshot
+
+        save_snapshot(self, path)
+
     def __str__(self) -> str:
         return self.table()
 
@@ -158,6 +170,7 @@ def _settings(options: Options) -> dict[str, Any]:
         "steps": options.steps,
         "train": options.train,
         "gpu": options.gpu.name if options.gpu else None,
+        "checkpoint": list(options.checkpoint),
         "inputs": [
             {"key": s.key, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
             for s in options.inputs
