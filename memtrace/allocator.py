@@ -49,12 +49,25 @@ class _Block:
     next: _Block | None = None
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One cudaMalloc'd segment of the caching-allocator model, with its blocks as the sequence left them."""
+
+    address: int
+    size: int
+    small: bool  # small pool (2 MiB segments) or large pool
+    opened_by: int  # record index of the allocation that made the allocator reserve it
+    blocks: tuple[tuple[int, int | None], ...]  # (bytes, record index or None when free), in address order
+
+
 @dataclass
 class Charges:
     """What the allocator model made of one alloc/free sequence."""
 
     charged: dict[int, int]  # record index -> bytes charged to allocated_bytes
     reserved_peak_bytes: int = 0
+    addresses: dict[int, int] = field(default_factory=dict)  # record index -> block address (caching model)
+    segments: list[Segment] = field(default_factory=list)  # in the order they were reserved
 
 
 class ExactAllocator:
@@ -75,6 +88,8 @@ class CudaCachingAllocator:
         pools: dict[bool, list[tuple[int, int, _Block]]] = {True: [], False: []}
         blocks: dict[int, _Block] = {}
         charged: dict[int, int] = {}
+        addresses: dict[int, int] = {}
+        heads: list[tuple[_Block, int]] = []  # each segment's first block, and the record that reserved it
         next_ptr = 0
         reserved = reserved_peak = 0
         for index, nbytes, is_alloc in sequence:
@@ -98,6 +113,7 @@ class CudaCachingAllocator:
             else:
                 seg = segment_size(size)
                 block = _Block(next_ptr, seg, small)
+                heads.append((block, index))
                 next_ptr += seg
                 reserved += seg
                 reserved_peak = max(reserved_peak, reserved)
@@ -112,7 +128,8 @@ class CudaCachingAllocator:
             block.free = False
             blocks[index] = block
             charged[index] = block.size
-        return Charges(charged, reserved_peak)
+            addresses[index] = block.ptr
+        return Charges(charged, reserved_peak, addresses, _segments(heads, blocks))
 
     @staticmethod
     def _free(block: _Block, pool: list) -> None:
@@ -132,3 +149,17 @@ class CudaCachingAllocator:
                     if neighbour.next is not None:
                         neighbour.next.prev = block
         bisect.insort(pool, (block.size, block.ptr, block))
+
+
+def _segments(heads: list[tuple[_Block, int]], live: dict[int, _Block]) -> list[Segment]:
+    """Each segment's chain of blocks, walked from its first block: splits and merges stay inside it."""
+    owner = {id(block): index for index, block in live.items()}
+    segments = []
+    for head, opened_by in heads:
+        chain, block, total = [], head, 0
+        while block is not None:
+            chain.append((block.size, None if block.free else owner[id(block)]))
+            total += block.size
+            block = block.next
+        segments.append(Segment(head.ptr, total, head.small, opened_by, tuple(chain)))
+    return segments
