@@ -53,15 +53,22 @@ def _place(module: str) -> str:
     return f"in module '{module}'" if module else "in the root module"
 
 
-def summary(report) -> str:
+def header_lines(report) -> list[str]:
+    """What was predicted: the model, its parameters and the configuration of the step."""
     s = report.settings
     inputs = ", ".join(f"{i['key']}: [{', '.join(map(str, i['shape']))}] {i['dtype']}" for i in s["inputs"])
     mode = "training" if s["train"] else "inference"
-    lines = [
+    return [
         f"memtrace: {report.model} — {report.param_count:,} parameters ({report.trainable_param_count:,} trainable)",
         f"{mode} on {report.device}{' (' + s['gpu'] + ')' if s.get('gpu') else ''}, {report.allocator} "
         f"allocator model, optimizer {s['optimizer']}, "
         f"amp {s['amp']}, dtype {s['dtype']}, {s['steps']} step(s); inputs {inputs}",
+    ]
+
+
+def peak_lines(report) -> list[str]:
+    """The predicted peak and where it happens, the measured one beside it, and the reserved estimate."""
+    lines = [
         f"Predicted peak: {_exact(report.peak_bytes)} in iteration {report.peak.iteration}, "
         f"{report.peak.phase.value}, {_place(report.peak.module)} ({report.peak.op})",
     ]
@@ -74,13 +81,23 @@ def summary(report) -> str:
         if m is not None and m.reserved_peak_bytes is not None:
             reserved += f"; measured {format_bytes(m.reserved_peak_bytes, 2)}"
         lines.append(reserved)
-    return "\n".join(lines)
+    return lines
+
+
+def summary(report) -> str:
+    return "\n".join(header_lines(report) + peak_lines(report))
+
+
+def notes_lines(report) -> list[str]:
+    lines = []
+    if report.assumptions:
+        lines += ["Assumptions:"] + [f"  - {a}" for a in report.assumptions]
+    if report.notes:
+        lines += ([""] if lines else []) + ["Notes:"] + [f"  - {n}" for n in report.notes]
+    return lines
 
 
 def render_report(report, depth: int = 3) -> str:
     parts = [summary(report), "", category_table(report), "", layer_table(report, depth)]
-    if report.assumptions:
-        parts += ["", "Assumptions:"] + [f"  - {a}" for a in report.assumptions]
-    if report.notes:
-        parts += ["", "Notes:"] + [f"  - {n}" for n in report.notes]
-    return "\n".join(parts)
+    notes = notes_lines(report)
+    return "\n".join(parts + ([""] + notes if notes else []))

@@ -1,0 +1,7 @@
+"""``python -m memtrace``: the same as the ``memtrace`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

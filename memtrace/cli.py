@@ -1,0 +1,301 @@
+"""The ``memtrace`` command: the report of one model named on the command line, as tables, Markdown or JSON.
+
+Exit status: 0 success, 1 the model failed to build or trace, 2 a usage error, 3 the predicted peak is over
+``--budget``. Every error is one line on stderr; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import torch
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET = 0, 1, 2, 3
+
+SIZE_HELP = "sizes: '16GiB', '16 GiB' and '16G' are 16 * 2**30 bytes; '16GB' is 16 * 10**9 bytes"
+
+EPILOG = f"""\
+MODEL forms:
+  torchvision.models:resnet50          a callable in an importable module
+  examples/models.py:small_resnet      a callable in a Python file
+  hf:LlamaConfig                       a Hugging Face model built from a configuration class
+                                       (--model-kwargs override its fields; --task picks the head)
+  path/to/config.json, path/to/dir     a Hugging Face model from a local configuration (no download)
+Models are built on the meta device where the factory allows it: nothing of their size is allocated.
+
+examples:
+  memtrace torchvision.models:resnet50 --input-shape 3,224,224 --batch-size 64 --amp fp16
+  memtrace hf:LlamaConfig --model-kwargs '{{"num_hidden_layers": 4}}' --seq-len 2048 --batch-size 8 --amp bf16
+  memtrace examples/models.py:tiny_gpt --seq-len 1024 --batch-size 8 --format json
+  memtrace torchvision.models:resnet18 --input-shape 3,224,224 --batch-size 256 --budget 24GiB
+
+{SIZE_HELP}. Exit status: 0 success, 1 the model failed to build or trace, 2 usage error,
+3 predicted peak over --budget.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _size(text: str) -> int:
+    from .units import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"lr\": 0.01}}', got {text!r}")
+    return value
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    if not parts or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"cannot read shape {text!r}: write positive integers like 3,224,224")
+    return tuple(int(p) for p in parts)
+
+
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _gpu(text: str):
+    from .gpus import lookup
+
+    try:
+        return lookup(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("gpu=")) from None
+
+
+def _dtype(text: str) -> torch.dtype:
+    from .options import DTYPES
+
+    names = {**DTYPES, "long": torch.long, "int64": torch.long, "int32": torch.int32, "int": torch.int32,
+             "bool": torch.bool, "uint8": torch.uint8}
+    if text.lower() not in names:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; valid: {', '.join(names)}")
+    return names[text.lower()]
+
+
+def _named_input(text: str) -> tuple[str | None, tuple[int, ...], torch.dtype | None]:
+    name, sep, rest = text.partition("=")
+    if not sep:
+        name, rest = None, text
+    elif not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"input name {name!r} in {text!r} is not an identifier")
+    dims, _, dtype = rest.partition(":")
+    return name, _dims(dims), _dtype(dtype) if dtype else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .loading import TASKS
+    from .options import OPTIMIZERS
+
+    p = _Parser(prog="memtrace", description="Predict the GPU memory of a PyTorch training step, without a GPU.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="the callable that builds the model (forms below)")
+    p.add_argument("--model-kwargs", type=_json_object, default={}, metavar="JSON",
+                   help="keyword arguments of the factory, or fields of a Hugging Face configuration")
+    p.add_argument("--task", choices=list(TASKS), help="Hugging Face head to build (default: from the configuration)")
+
+    inp = p.add_argument_group("inputs")
+    inp.add_argument("--input-shape", type=_dims, metavar="DIMS",
+                     help="shape of one input tensor without the batch dimension (3,224,224) when --batch-size "
+                          "is given, else the full shape")
+    inp.add_argument("--batch-size", type=_positive, metavar="N", help="batch size (default 1 with --seq-len)")
+    inp.add_argument("--input-dtype", type=_dtype, metavar="DTYPE",
+                     help="dtype of --input-shape's tensor (default: the parameter dtype)")
+    inp.add_argument("--seq-len", type=_positive, metavar="N",
+                     help="token models: input_ids [batch, N] (and labels where the model takes them)")
+    inp.add_argument("--input", dest="inputs", action="append", type=_named_input, default=[],
+                     metavar="[NAME=]DIMS[:DTYPE]",
+                     help="an input tensor with its full shape, e.g. input_ids=8,1024:long; repeat for several; "
+                          "named ones are passed as keywords")
+
+    tr = p.add_argument_group("training step")
+    tr.add_argument("--optimizer", default="adam", choices=[*OPTIMIZERS, "none"])
+    tr.add_argument("--optimizer-kwargs", type=_json_object, default=None, metavar="JSON")
+    tr.add_argument("--amp", choices=["off", "fp16", "bf16"], default="off", help="automatic mixed precision")
+    tr.add_argument("--dtype", type=_dtype, default=torch.float32, help="parameter dtype (default float32)")
+    tr.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device to predict (default cuda)")
+    tr.add_argument("--gpu", type=_gpu, help="the card of a CUDA run (default H100): decides kernels, workspaces "
+                                             "and whether it fits")
+    tr.add_argument("--steps", type=_positive, default=2, help="training iterations to trace (default 2)")
+    tr.add_argument("--inference", action="store_true", help="forward only, no gradients or optimizer")
+    tr.add_argument("--verify", action="store_true", help="also run the real step on this machine's GPU and show "
+                                                          "the measured peak")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--format", choices=["table", "markdown", "json"], default="table")
+    out.add_argument("--depth", type=int, default=2, metavar="N", help="deepest layer level shown (default 2)")
+    out.add_argument("--allocations", action="store_true", help="JSON: include every allocation")
+    out.add_argument("--budget", type=_size, metavar="SIZE",
+                     help="exit with status 3 when the predicted peak is over SIZE (e.g. 24GiB)")
+    out.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return p
+
+
+def _inputs(args, built) -> dict[str, Any]:
+    """``input_shape=`` or ``inputs=`` for memtrace.report, as meta tensors."""
+    given = [n for n, v in (("--input-shape", args.input_shape), ("--seq-len", args.seq_len),
+                            ("--input", args.inputs)) if v]
+    if len(given) > 1:
+        raise UsageError(f"give the input one way: {' and '.join(given)} were both given")
+    if not given:
+        raise UsageError("no input: give --input-shape (e.g. 3,224,224 with --batch-size 64), --seq-len, or --input")
+    if args.input_shape:
+        shape = ((args.batch_size,) if args.batch_size else ()) + args.input_shape
+        if args.input_dtype is None:
+            return {"input_shape": shape}
+        return {"inputs": torch.empty(shape, dtype=args.input_dtype, device="meta")}
+    if args.input_dtype is not None:
+        raise UsageError("--input-dtype goes with --input-shape; with --input write NAME=DIMS:DTYPE")
+    if args.seq_len:
+        from .loading import token_inputs
+
+        return {"inputs": token_inputs(built.module, args.batch_size or 1, args.seq_len, built.task)}
+    if args.batch_size:
+        raise UsageError("--batch-size goes with --input-shape or --seq-len; --input takes full shapes")
+    positional, named = [], {}
+    for name, shape, dtype in args.inputs:
+        t = torch.empty(shape, dtype=dtype or args.dtype, device="meta")
+        if name is None:
+            if named:
+                raise UsageError("positional --input after a named one")
+            positional.append(t)
+        else:
+            named[name] = t
+    if positional and named:
+        raise UsageError("mix of positional and named --input: name them all, or none")
+    return {"inputs": named if named else positional[0] if len(positional) == 1 else tuple(positional)}
+
+
+def _fit_line(report, gpu, budget: int | None) -> list[str]:
+    from .units import format_bytes
+
+    lines = []
+    if gpu is not None:
+        usable = gpu.usable_bytes()
+        room = usable - report.peak_bytes
+        where = (f"{gpu.name} ({format_bytes(usable)} usable of {format_bytes(gpu.memory_bytes)}, after the CUDA "
+                 f"context and a fragmentation allowance)")
+        lines.append(f"Fits {where}: {format_bytes(room)} headroom" if room >= 0
+                     else f"Does not fit {where}: over by {format_bytes(-room)}")
+    if budget is not None:
+        room = budget - report.peak_bytes
+        lines.append(f"Within the budget of {format_bytes(budget)}: {format_bytes(room)} headroom" if room >= 0
+                     else f"Over the budget of {format_bytes(budget)} by {format_bytes(-room)}")
+    return lines
+
+
+def render(report, gpu, args) -> str:
+    """The command's text: header, per-layer table, breakdown at the peak, the peak, whether it fits."""
+    from .render import category_table, header_lines, layer_table, notes_lines, peak_lines
+
+    fmt = "github" if args.format == "markdown" else "simple"
+    text_blocks = [header_lines(report), [layer_table(report, args.depth, fmt)], [category_table(report, fmt)],
+                   peak_lines(report) + _fit_line(report, gpu, args.budget)]
+    notes = notes_lines(report)
+    if notes:
+        text_blocks.append(notes)
+    if args.format == "markdown":
+        # every line of prose its own paragraph; tables as they are
+        blocks = []
+        for block in text_blocks:
+            if len(block) == 1 and "\n" in block[0]:
+                blocks.append(block[0])
+            else:
+                blocks.append("\n\n".join(line.strip() if not line.startswith("  - ") else line[2:]
+                                          for line in block if line))
+        blocks[0] = "## " + blocks[0]
+        return "\n\n".join(blocks)
+    return "\n\n".join("\n".join(block) for block in text_blocks)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args, parser)
+    except UsageError as exc:
+        parser.error(str(exc))
+    except BrokenPipeError:  # the reader went away (memtrace ... | head): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except Exception as exc:
+        if args.debug:
+            raise
+        from .engine import TraceError
+        from .loading import ModelBuildError
+
+        known = isinstance(exc, (TraceError, ModelBuildError))
+        message = str(exc) if known else f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        print(f"memtrace: error: {message}" + ("" if known else " (--debug shows the traceback)"), file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_USAGE  # parser.error exits before this
+
+
+def _run(args, parser) -> int:
+    import memtrace
+
+    from .gpus import DEFAULT_GPU, lookup, present
+    from .loading import ModelSpecError, build_model
+    from .units import format_bytes
+
+    if args.device == "cpu" and args.gpu is not None:
+        raise UsageError("--gpu names the card of a --device cuda run")
+    if args.verify and args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--verify runs the real step on a CUDA GPU, and none is present here")
+    try:
+        built = build_model(args.model, args.model_kwargs, args.task)
+    except ModelSpecError as exc:
+        raise UsageError(str(exc)) from None
+    if built.note:
+        print(f"memtrace: note: {built.note}", file=sys.stderr)
+    try:
+        report = memtrace.report(
+            built.module, **_inputs(args, built),
+            optimizer=None if args.optimizer == "none" else args.optimizer,
+            optimizer_kwargs=args.optimizer_kwargs, amp=False if args.amp == "off" else args.amp,
+            dtype=args.dtype, device=args.device, steps=args.steps, train=not args.inference,
+            gpu=args.gpu, verify=args.verify)
+    except (ValueError, TypeError) as exc:  # an argument memtrace.report refused: a usage error
+        raise UsageError(str(exc)) from None
+
+    gpu = None
+    if args.device == "cuda":  # the card the prediction was made for
+        gpu = args.gpu or (present() if args.verify else lookup(DEFAULT_GPU))
+    if args.format == "json":
+        print(json.dumps(report.to_dict(allocations=args.allocations), indent=2))
+    else:
+        print(render(report, gpu, args))
+    if args.budget is not None and report.peak_bytes > args.budget:
+        print(f"memtrace: predicted peak {format_bytes(report.peak_bytes)} is over the budget of "
+              f"{format_bytes(args.budget)} by {format_bytes(report.peak_bytes - args.budget)}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
