@@ -169,16 +169,46 @@ def plot(report, path: str | PathLike, *, title: str | None = None, figsize: tup
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
 
-    at_peak = report.by_category
-    labels = [f"{c.value.replace('_', ' ')}  {format_bytes(at_peak.get(c, 0))}" for _, c in reversed(handles)]
-    legend = ax.legend([h for h, _ in reversed(handles)], labels, title="at the peak", loc="upper left",
-                       bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9, title_fontsize=9)
-    legend._legend_box.align = "left"
-    peak = report.peak
-    fig.text(0.81, 0.42, f"peak {format_bytes(report.peak_bytes, 2)}\niteration {peak.iteration}, {peak.phase.value}\n"
-             f"{_place(peak.module)}\n{peak.op}", fontsize=9, va="top", ha="left", wrap=True)
+    _side_panel(report, fig, ax, handles)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def _side_panel(report, fig, ax, handles) -> None:
+    """Right of the plot, top to bottom: the categories at the peak, the phase colours, the peak's place."""
+    labels = [f"{c.value.replace('_', ' ')}  {format_bytes(report.by_category.get(c, 0))}" for _, c in handles]
+    style = {"loc": "upper left", "frameon": False, "fontsize": 9, "title_fontsize": 9, "alignment": "left"}
+    categories = ax.legend([h for h, _ in reversed(handles)], list(reversed(labels)), title="at the peak",
+                           bbox_to_anchor=(1.01, 1.0), **style)
+    ax.add_artist(categories)
+    renderer = fig.canvas.get_renderer()
+    below = categories.get_window_extent(renderer).transformed(ax.transAxes.inverted()).y0
+    phases = sorted({span.phase for span in report.timeline.phases}, key=list(Phase).index)
+    patches = [matplotlib_patch(PHASE_COLORS[p]) for p in phases]
+    legend = ax.legend(patches, [p.value for p in phases], title="phases", bbox_to_anchor=(1.01, below - 0.03),
+                       **style)
+    below = legend.get_window_extent(renderer).transformed(fig.transFigure.inverted()).y0
+    peak = report.peak
+    x0 = legend.get_window_extent(renderer).transformed(fig.transFigure.inverted()).x0
+    fig.text(x0 + 0.005, below - 0.03, f"peak {format_bytes(report.peak_bytes, 2)}\niteration {peak.iteration}, "
+             f"{peak.phase.value}\n{_place(peak.module)}\n{_short_op(peak.op)}", fontsize=9, va="top", ha="left")
+
+
+def _short_op(op: str, width: int = 34) -> str:
+    """The op without its ``.default`` overload, broken after a dot or underscore where it is long."""
+    op = op.removesuffix(".default")
+    lines = []
+    while len(op) > width:
+        cut = max(op.rfind(".", 0, width), op.rfind("_", 0, width)) + 1 or width
+        lines.append(op[:cut])
+        op = op[cut:]
+    return "\n".join(lines + [op])
+
+
+def matplotlib_patch(color: str):
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor=color, edgecolor="#bbbbbb", linewidth=0.5)
 
 
 def _phases(report, stacked: StackedBytes, band, ax, x_end: int) -> None:
@@ -201,7 +231,7 @@ def _phases(report, stacked: StackedBytes, band, ax, x_end: int) -> None:
         last_iteration = span.iteration
         name = span.phase.value if span.phase is Phase.SETUP else f"{span.phase.value} {span.iteration}"
         short = PHASE_SHORT[span.phase] + ("" if span.phase is Phase.SETUP else str(span.iteration))
-        for label in (name, short, PHASE_SHORT[span.phase][0]):
+        for label in (name, short):  # or none: the phase legend names the colours
             text = band.text((x0 + x1) / 2, 0.5, label, ha="center", va="center", fontsize=8, color="#333333")
             width = text.get_window_extent(renderer).width
             span_px = band.transData.transform((x1, 0))[0] - band.transData.transform((x0, 0))[0]

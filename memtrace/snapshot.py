@@ -84,11 +84,11 @@ def _cuda_snapshot(report, events) -> dict:
         raise ValueError("the caching-allocator model no longer charges this report's allocations as it did; "
                          "estimate the step again")
     opened: dict[int, Segment] = {s.opened_by: s for s in charges.segments}
-    trace = []
+    trace, frames_of = [], _frames_cache()
     for a, is_alloc in events:
         if a.index not in charges.addresses:  # zero bytes: no block
             continue
-        addr, f = BASE_ADDRESS + charges.addresses[a.index], frames(a)
+        addr, f = BASE_ADDRESS + charges.addresses[a.index], frames_of(a)
         if is_alloc:
             seg = opened.get(a.index)
             if seg is not None:
@@ -97,21 +97,33 @@ def _cuda_snapshot(report, events) -> dict:
         else:
             trace.append(_entry("free_requested", addr, a.requested_bytes, f))
             trace.append(_entry("free_completed", addr, a.requested_bytes, f))
-    segments = [_segment(s, by_index) for s in charges.segments]
+    segments = [_segment(s, by_index, frames_of) for s in charges.segments]
     return {"segments": segments, "device_traces": [trace]}
 
 
-def _segment(seg: Segment, by_index) -> dict:
+def _frames_cache():
+    """``frames`` once per allocation: its entries share one list, which the pickle then stores once."""
+    cache: dict[int, list] = {}
+
+    def frames_of(a) -> list:
+        if a.index not in cache:
+            cache[a.index] = frames(a)
+        return cache[a.index]
+
+    return frames_of
+
+
+def _segment(seg: Segment, by_index, frames_of) -> dict:
     blocks, address = [], BASE_ADDRESS + seg.address
     for size, index in seg.blocks:
         a = None if index is None else by_index[index]
         blocks.append({
             "address": address, "size": size, "requested_size": 0 if a is None else a.requested_bytes,
-            "state": "inactive" if a is None else "active_allocated", "frames": [] if a is None else frames(a),
+            "state": "inactive" if a is None else "active_allocated", "frames": [] if a is None else frames_of(a),
         })
         address += size
     return _segment_dict(BASE_ADDRESS + seg.address, seg.size, "small" if seg.small else "large",
-                         frames(by_index[seg.opened_by]), blocks)
+                         frames_of(by_index[seg.opened_by]), blocks)
 
 
 def _segment_dict(address: int, size: int, kind: str, frames_: list, blocks: list) -> dict:
@@ -125,11 +137,11 @@ def _segment_dict(address: int, size: int, kind: str, frames_: list, blocks: lis
 
 
 def _exact_snapshot(events) -> dict:
-    trace, live, next_addr = [], {}, BASE_ADDRESS
+    trace, live, next_addr, frames_of = [], {}, BASE_ADDRESS, _frames_cache()
     for a, is_alloc in events:
         if not a.charged_bytes:
             continue
-        f = frames(a)
+        f = frames_of(a)
         if is_alloc:
             addr = live[a.index] = next_addr
             next_addr += -(-a.charged_bytes // CPU_ALIGNMENT) * CPU_ALIGNMENT
@@ -145,6 +157,6 @@ def _exact_snapshot(events) -> dict:
     for index, addr in live.items():
         a = by_index[index]
         block = {"address": addr, "size": a.charged_bytes, "requested_size": a.requested_bytes,
-                 "state": "active_allocated", "frames": frames(a)}
-        segments.append(_segment_dict(addr, a.charged_bytes, "large", frames(a), [block]))
+                 "state": "active_allocated", "frames": frames_of(a)}
+        segments.append(_segment_dict(addr, a.charged_bytes, "large", frames_of(a), [block]))
     return {"segments": segments, "device_traces": [trace]}
