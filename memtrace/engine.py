@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from .options import Category, Options, Phase
 from .step import build_optimizer, make_inputs, run_steps
 from .targets import FunctionRules, Target, target_for
+from .flops import FlopCounter
 from .tracer import ModuleCall, StorageRecord, StorageTracker
 
 
@@ -50,6 +51,7 @@ class Trace:
     param_owner: dict[str, str]
     assumptions: list
     op_count: int
+    flops: dict = field(default_factory=dict)  # (phase, iteration) -> FLOPs of matmuls, convolutions, attention
 
 
 @contextlib.contextmanager
@@ -208,8 +210,9 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
     phase_starts: list[tuple[Phase, int, int]] = []
     grad_records: dict[str, list[StorageRecord]] = {}
     state_records: dict[str, list[StorageRecord]] = {}
+    flops = FlopCounter(lambda: (tracker.where.phase, tracker.where.iteration))
 
-    with preserved_rng(), _quiet_fake_tensor_log(), fake_mode, tracker:
+    with preserved_rng(), _quiet_fake_tensor_log(), fake_mode, flops, tracker:
         tracker.where = ModuleCall(Phase.SETUP, 0, None, "(setup)")
         phase_starts.append((Phase.SETUP, 0, 0))
         fake_model = _fake_copy(model, options, tracker)
@@ -287,7 +290,7 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
         target=target, records=tracker.records, events=tracker.events, event_ops=tracker.event_ops,
         phase_starts=phase_starts, modules=infos, param_records=param_records, grad_records=grad_records,
         state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()},
-        assumptions=tracker.assumptions, op_count=tracker.op_count,
+        assumptions=tracker.assumptions, op_count=tracker.op_count, flops=flops.counts,
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -91,6 +91,13 @@ class Report:
     assumptions: tuple[str, ...]
     notes: tuple[str, ...]
     measured: Any = None  # a memtrace.measure.Measurement of the real step, with verify=True
+    # FLOPs of the first iteration per phase (matmuls, convolutions, attention; torch.utils.flop_counter's
+    # formulas), counted in the same trace
+    flops: Mapping[Phase, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def flops_per_iteration(self) -> int:
+        return sum(self.flops.values())
 
     @property
     def error_percent(self) -> float | None:
@@ -128,6 +135,7 @@ class Report:
             },
             "assumptions": list(self.assumptions),
             "notes": list(self.notes),
+            "flops": {p.value: n for p, n in self.flops.items()},
             "measured": None if self.measured is None else {**self.measured.to_dict(),
                                                             "error_percent": self.error_percent},
         }
@@ -268,6 +276,7 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
         traced_ops=trace.op_count,
         assumptions=assumptions,
         notes=trace.target.notes,
+        flops=MappingProxyType({phase: n for (phase, it), n in trace.flops.items() if it == 0}),
     )
 
 
