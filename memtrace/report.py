@@ -329,3 +329,16 @@ def _layer_rows(trace: Trace, charged: dict[int, int]) -> tuple[LayerRow, ...]:
     for label, nbytes in outside.items():
         rows.append(LayerRow(label, "-", 1, None, 0, 0, 0, 0, nbytes))
     return tuple(rows)
+
+
+def build_callable_report(name: str, options: Options, trace: Trace, session) -> Report:
+    """The report of a traced callable (``engine.trace_callable``). The call built its own model, optimizer
+    and inputs, so the settings say so, and the parameter counts are those the call had alive at once."""
+    from dataclasses import replace
+
+    report = build_report(torch.nn.Module(), options, trace)  # an empty module: the call owns no model
+    as_called = "as in the call"
+    settings = {**report.settings, "optimizer": as_called, "optimizer_kwargs": {}, "amp": as_called,
+                "dtype": as_called, "steps": session.iteration + 1, "inputs": []}
+    return replace(report, model=name, settings=MappingProxyType(settings), param_count=session.param_count,
+                   trainable_param_count=session.trainable_count)
