@@ -232,6 +232,6 @@ def target_for(device: str, gpu: GPU | None = None) -> Target:
             "optimizers, host-side step counters, fused dropout masks, the flash / memory-efficient attention "
             "choice and cuBLAS workspaces (one per thread: the autograd thread's is unverified) are "
             "modelled; cuDNN convolution workspaces, the flash backward's float32 accumulators and CUDA's "
-            "own autocast lists (CPU autocast stands in) are not yet.",
+            "own autocast lists (CPU autocast stands in, but for attention) are not yet.",
         ),
     )
