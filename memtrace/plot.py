@@ -1,8 +1,9 @@
 """A picture of the step: allocated bytes over the traced ops, stacked by category, phases and peak marked.
 
 ``stacked_bytes`` computes the data (no matplotlib needed) and ``plot`` draws it. matplotlib is an
-optional extra (``pip install memtrace[plot]``), imported only when a picture is drawn, with the Agg
-backend so that nothing ever opens a window.
+optional extra (``pip install memtrace[plot]``), imported only when a picture is drawn. The figure is
+drawn on its own Agg canvas, without pyplot: nothing opens a window, and the caller's pyplot backend and
+figures are left as they were.
 """
 
 from __future__ import annotations
@@ -97,15 +98,15 @@ def _unit(nbytes: int) -> tuple[str, int]:
     return UNITS[-1]
 
 
-def _pyplot():
+def _figure(figsize: tuple[float, float], dpi: int):
     try:
-        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("report.plot() needs matplotlib: pip install memtrace[plot]") from None
-    matplotlib.use("Agg", force=True)  # files only: never a window
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _place(module: str) -> str:
@@ -131,14 +132,13 @@ def plot(report, path: str | PathLike, *, title: str | None = None, figsize: tup
     Phases are shaded and labelled per iteration; the peak is marked with its value, phase and module.
     Long timelines are drawn from at most ``max_points`` events, the lowest and highest of each run, so
     the peak and the dips survive."""
-    plt = _pyplot()
+    fig = _figure(figsize, dpi)
     stacked = stacked_bytes(report)
     n = len(stacked.ops)
     unit, scale = _unit(max(report.peak_bytes, 1))
     shown = stacked.columns(downsample(stacked, max_points)) if n else stacked
     x = list(shown.ops)
 
-    fig = plt.figure(figsize=figsize, dpi=dpi)
     grid = fig.add_gridspec(2, 1, height_ratios=(1, 14), hspace=0.0, left=0.065, right=0.80, top=0.90,
                             bottom=0.11)
     band, ax = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
@@ -171,7 +171,6 @@ def plot(report, path: str | PathLike, *, title: str | None = None, figsize: tup
 
     _side_panel(report, fig, ax, handles)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
 
 
 def _side_panel(report, fig, ax, handles) -> None:

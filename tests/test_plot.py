@@ -74,6 +74,16 @@ def test_plot_writes_a_png_of_the_asked_size(cnn_report, tmp_path):
     assert path.stat().st_size > 20_000  # a drawn chart, not an empty canvas (a blank one is ~3 KB)
 
 
+def test_plot_leaves_pyplot_alone(cnn_report, tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    backend, figures = matplotlib.get_backend(), plt.get_fignums()
+    cnn_report.plot(tmp_path / "step.svg")
+    assert (tmp_path / "step.svg").read_text().lstrip().startswith("<?xml")
+    assert matplotlib.get_backend() == backend and plt.get_fignums() == figures
+
+
 def test_plot_draws_a_long_llm_timeline_downsampled(tmp_path):
     pytest.importorskip("matplotlib")
     r = memtrace.report(tiny_gpt2(), inputs=token_batch(), optimizer="adamw", steps=3)
@@ -85,8 +95,8 @@ def test_plot_draws_a_long_llm_timeline_downsampled(tmp_path):
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(cnn_report, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an uninstalled package looks like to import
-    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    for name in ["matplotlib"] + [m for m in sys.modules if m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # what an uninstalled package looks like to import
     path = tmp_path / "step.png"
     with pytest.raises(ImportError, match=r"pip install memtrace\[plot\]"):
         cnn_report.plot(path)
