@@ -26,7 +26,7 @@ from __future__ import annotations
 import pickle
 from os import PathLike
 
-from .allocator import CudaCachingAllocator, Segment
+from .allocator import CudaCachingAllocator, ExactAllocator, Segment
 
 BASE_ADDRESS = 0x7F0000000000  # where a process's device allocations typically start; any value works
 CPU_ALIGNMENT = 64  # the CPU allocator's alignment (c10::alignment), for the synthesised addresses
@@ -45,7 +45,7 @@ def snapshot(report) -> dict:
     events = _events(report)
     if report.allocator == CudaCachingAllocator.name:
         return _cuda_snapshot(report, events)
-    if report.allocator == "exact":
+    if report.allocator == ExactAllocator.name:
         return _exact_snapshot(events)
     raise ValueError(f"no snapshot for the {report.allocator!r} allocator model: it has no address space")
 
