@@ -246,7 +246,7 @@ class MemtraceManager:
                 row.append(format_bytes(r.measured_bytes) if r.measured_bytes is not None else "skipped")
             row.append("FAIL" if r.failed else "ok")
             rows.append(row)
-        headers = ["Test", "What", "Limit", "Predicted", "Headroom"] + (["Measured"] if self.live else []) + [""]
+        headers = ["Test", "What", "Limit", "Predicted", "Headroom"] + (["Measured"] if self.live else []) + ["Result"]
         terminalreporter.write_sep("=", "memtrace: predicted GPU memory peaks")
         terminalreporter.write_line(tabulate(rows, headers=headers, disable_numparse=True))
 
