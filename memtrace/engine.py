@@ -278,8 +278,9 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
 
         try:
             rules = FunctionRules(target) if target.rules.functions else contextlib.nullcontext()
-            with rules, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                run_steps(fake_model, options, new_inputs, optimizer, scaler, "cpu", on_phase)
+            amp = target.autocast() if options.amp_dtype is not None else contextlib.nullcontext()
+            with rules, amp as clear_cast_cache, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                run_steps(fake_model, options, new_inputs, optimizer, scaler, "cpu", on_phase, clear_cast_cache)
         except Exception as exc:
             raise _explain(exc, tracker) from exc
         finally:

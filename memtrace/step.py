@@ -69,10 +69,17 @@ def build_optimizer(options: Options, params: list[torch.nn.Parameter], adjust=N
     return opt
 
 
-def autocast(options: Options, device_type: str):
+@contextlib.contextmanager
+def autocast(options: Options, device_type: str, on_exit: Callable[[], None] | None = None):
     if options.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=options.amp_dtype)
+        yield
+        return
+    try:
+        with torch.autocast(device_type, dtype=options.amp_dtype):
+            yield
+    finally:
+        if on_exit is not None:  # the region's weight-cast cache dies with it
+            on_exit()
 
 
 def run_steps(
@@ -83,6 +90,7 @@ def run_steps(
     scaler: Any,
     autocast_device: str,
     on_phase: Callable[[Phase, int], None] = lambda phase, it: None,
+    on_autocast_exit: Callable[[], None] | None = None,
 ) -> None:
     """``options.steps`` iterations of forward, loss, backward, optimizer step and zero_grad."""
     loss_fn = options.loss_fn or default_loss
@@ -91,7 +99,7 @@ def run_steps(
     for it in range(options.steps):
         on_phase(Phase.FORWARD, it)
         args, kwargs, batch = new_inputs()
-        with grad_ctx(), autocast(options, autocast_device):
+        with grad_ctx(), autocast(options, autocast_device, on_autocast_exit):
             out = model(*args, **kwargs)
             if not options.train:
                 continue

@@ -8,6 +8,7 @@ in host memory, and the allocator model. Each rule cites where its behaviour com
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .allocator import CudaCachingAllocator, ExactAllocator
+from .autocast import cuda_autocast
 from .gpus import DEFAULT_GPU, GPU, lookup
 from .options import Category, Phase
 
@@ -213,6 +215,9 @@ class Target:
     allocator: object
     gpu: GPU | None = None
     notes: tuple[str, ...] = field(default=())
+    # the autocast lists an AMP step is traced with: a context manager yielding the callable that drops
+    # the weight-cast cache where the step's autocast region exits (None: CPU autocast as it is)
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def target_for(device: str, gpu: GPU | None = None) -> Target:
@@ -227,11 +232,12 @@ def target_for(device: str, gpu: GPU | None = None) -> Target:
         host_resident=_step_counter_on_host,
         allocator=CudaCachingAllocator(),
         gpu=gpu,
+        autocast=cuda_autocast,
         notes=(
             f"CUDA target ({gpu.name}, {gpu.sm}): caching-allocator rounding and block reuse, foreach "
-            "optimizers, host-side step counters, fused dropout masks, the flash / memory-efficient attention "
-            "choice and cuBLAS workspaces (one per thread: the autograd thread's is unverified) are "
-            "modelled; cuDNN convolution workspaces, the flash backward's float32 accumulators and CUDA's "
-            "own autocast lists (CPU autocast stands in, but for attention) are not yet.",
+            "optimizers, host-side step counters, fused dropout masks, CUDA's autocast lists, the flash / "
+            "memory-efficient attention choice and cuBLAS workspaces (one per thread: the autograd thread's is "
+            "unverified) are modelled; cuDNN convolution workspaces and the flash backward's float32 "
+            "accumulators are not yet.",
         ),
     )
