@@ -324,13 +324,13 @@ def _explain(exc: Exception, tracker: StorageTracker) -> Exception:
 # ---- tracing a callable: a test body that builds its own model, optimizer and tensors ----------------
 
 class _BodyTracker(StorageTracker):
-    """The tracker for a traced callable. A storage the body makes outside any module with a factory
-    function (``torch.randn``, ``torch.zeros``, ``torch.tensor``; no tensor argument) is an input;
-    parameters and buffers among them are reclassified when a module registers them."""
+    """The tracker for a traced callable. A storage the body itself makes (outside any module, backward or
+    optimizer step) with a factory function (``torch.randn``, ``torch.zeros``, ``torch.tensor``; no tensor
+    argument) is an input; parameters and buffers among them are reclassified when a module registers them."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         where = self.where
-        top_level = not self.module_stack and where.phase in (Phase.SETUP, Phase.FORWARD) and where.birth is None
+        top_level = not self.module_stack and where.label == _BODY and where.birth is None  # not in backward or a step
         if top_level and not any(isinstance(a, torch.Tensor) for a in tree_flatten((args, kwargs))[0]):
             where.birth = Category.INPUT
             try:

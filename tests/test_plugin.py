@@ -259,6 +259,45 @@ def test_value():
     ])
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_traced_body_matches_report_of_the_same_loop(device):
+    # the loop memtrace.report runs, written out as a test body would (on a GPU): the same prediction, byte
+    # for byte, category for category
+    from memtrace.engine import trace_callable
+    from memtrace.gpus import DEFAULT_GPU
+    from memtrace.options import Options
+    from memtrace.report import build_callable_report
+
+    from tiny_models import make_cnn
+
+    def body():
+        with torch.device("cuda"):
+            model = make_cnn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        out = loss = None
+        for _ in range(2):
+            x = torch.randn(8, 3, 32, 32).cuda()
+            out = model(x)
+            loss = out.mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    options = Options(inputs=(), optimizer=None, optimizer_name="none", device=device,
+                      gpu=lookup(DEFAULT_GPU) if device == "cuda" else None)
+    traced = build_callable_report("body", options, *trace_callable(body, options))
+    expected = memtrace.report(make_cnn(), (8, 3, 32, 32), optimizer="sgd",
+                               optimizer_kwargs={"lr": 0.1, "momentum": 0.9}, device=device)
+    assert traced.peak_bytes == expected.peak_bytes
+    assert dict(traced.by_category) == dict(expected.by_category)
+    assert (traced.peak.iteration, traced.peak.phase, traced.peak.module, traced.peak.op) == (
+        expected.peak.iteration, expected.peak.phase, expected.peak.module, expected.peak.op)
+    assert (traced.param_count, traced.settings["steps"]) == (expected.param_count, 2)
+    rows = lambda r: [(x.name, x.type, x.params, x.param_bytes, x.gradient_bytes, x.optimizer_state_bytes,  # noqa: E731
+                       x.activation_bytes) for x in r.layers]
+    assert rows(traced) == rows(expected)
+
+
 # ---- summary, JSON, cache -----------------------------------------------------------------------
 
 def test_summary_lists_each_budget_and_can_be_switched_off(pytester):
