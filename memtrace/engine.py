@@ -356,7 +356,8 @@ class _BodyMode(TorchFunctionMode):
     """Runs the body's own code as the traced step. Every tensor is traced on the CPU-side fake device that
     stands in for the GPU (fake CUDA tensors cannot run backward without one), so CUDA placements are
     mapped onto it: ``.cuda()`` and ``.pin_memory()`` return the tensor, ``device="cuda"`` arguments
-    become the traced device. ``backward()`` calls mark the backward phase."""
+    become the traced device. ``backward()`` calls mark the backward phase (``torch.autograd.grad`` does not:
+    a gradient penalty inside a step would otherwise end it)."""
 
     def __init__(self, session: _BodySession):
         super().__init__()
@@ -368,7 +369,7 @@ class _BodyMode(TorchFunctionMode):
             raise TraceError(_AUTOCAST_MESSAGE)
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
-        if func is torch.Tensor.backward:
+        if func is torch.Tensor.backward or func is torch.autograd.backward:
             return self.session.backward(func, args, kwargs)
         if "device" in kwargs:
             kwargs = {**kwargs, "device": _off_cuda(kwargs["device"])}

@@ -279,7 +279,7 @@ def test_traced_body_matches_report_of_the_same_loop(device):
             x = torch.randn(8, 3, 32, 32).cuda()
             out = model(x)
             loss = out.mean()
-            loss.backward()
+            torch.autograd.backward(loss)
             opt.step()
             opt.zero_grad()
 
