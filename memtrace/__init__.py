@@ -18,10 +18,15 @@ from .report import Allocation, LayerRow, Peak, PhaseSpan, Report, Timeline
 from .step import LossError
 from .measure import Measurement, measure
 from .units import format_bytes, parse_size
+from .planning import FitTable, MaxBatch, MemoryLimit, fits, max_batch_size, memory_limit
+from .whatif import Comparison, Levers, compare, levers
+from .epoch import EpochPlan, plan_epoch
 
 __all__ = [
     "report", "Report", "LayerRow", "Peak", "PhaseSpan", "Timeline", "Allocation", "Category", "Phase",
     "TraceError", "LossError", "format_bytes", "parse_size", "GPU", "GPUS", "measure", "Measurement",
+    "max_batch_size", "MaxBatch", "MemoryLimit", "memory_limit", "fits", "FitTable", "compare", "Comparison",
+    "levers", "Levers", "plan_epoch", "EpochPlan",
 ]
 __version__ = "0.1.0"
 

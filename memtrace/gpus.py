@@ -36,6 +36,14 @@ class GPU:
                              f"{fragmentation}")
         return int((self.memory_bytes - context_bytes) * (1 - fragmentation))
 
+    def peak_tflops(self, precision: str) -> float | None:
+        """Datasheet peak dense throughput for ``precision`` ("fp32", "tf32", "fp16", "bf16"), in TFLOPS;
+        None where the card has no such unit (TF32 and bf16 before Ampere) or is not in the table."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is unknown; valid: {', '.join(map(repr, PRECISIONS))}")
+        row = PEAK_DENSE_TFLOPS.get(self.name)
+        return None if row is None else row[PRECISIONS.index(precision)]
+
     @property
     def sm(self) -> str:
         return f"sm{self.capability[0]}{self.capability[1]}"
@@ -74,6 +82,29 @@ _CATALOG = [
     GPU("T4", 16 * GiB, (7, 5)),
 ]
 DEFAULT_GPU = "H100"
+
+# Peak dense TFLOPS (no structured sparsity) from NVIDIA's datasheets and architecture whitepapers, as
+# (fp32, tf32 tensor core, fp16 tensor core, bf16 tensor core). H100, H200 and A100 are the SXM parts; the
+# B200 figures are the HGX B200 totals divided by 8. GeForce and RTX workstation cards give fp16/bf16 with
+# fp32 accumulation (what training uses), which is half their fp16-accumulate figure on GeForce parts.
+# A10G (AWS's variant of the A10) has no NVIDIA datasheet and is left out.
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+PEAK_DENSE_TFLOPS: dict[str, tuple[float | None, ...]] = {
+    "H100": (67.0, 494.7, 989.4, 989.4),
+    "H200": (67.0, 494.7, 989.4, 989.4),
+    "B200": (75.0, 1125.0, 2250.0, 2250.0),
+    "A100-80GB": (19.5, 156.0, 312.0, 312.0),
+    "A100-40GB": (19.5, 156.0, 312.0, 312.0),
+    "L40S": (91.6, 183.0, 362.1, 362.1),
+    "L4": (30.3, 60.0, 121.0, 121.0),
+    "A6000": (38.7, 77.4, 154.8, 154.8),
+    "A5000": (27.8, 55.6, 111.1, 111.1),
+    "RTX 5090": (104.8, 104.8, 209.5, 209.5),
+    "RTX 4090": (82.6, 82.6, 165.2, 165.2),
+    "RTX 3090": (35.6, 35.6, 71.0, 71.0),
+    "V100-32GB": (15.7, None, 125.0, None),
+    "T4": (8.1, None, 65.0, None),
+}
 
 
 def _key(name: str) -> str:

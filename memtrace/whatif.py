@@ -1,0 +1,226 @@
+"""What-if: the same step under other settings (precision, optimizer, activation checkpointing), side by
+side, and the levers that bring a step that does not fit under a memory limit. Every row is a real
+``memtrace.report`` estimate of the changed step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tabulate import tabulate
+
+from .options import Category, repeated_blocks
+from .planning import DEFAULT_CAP, Batched, Estimates, MemoryLimit, limit_for, search
+from .report import Report
+from .units import format_bytes
+
+# Named variants: the report options each one sets.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fp32": {"amp": False, "dtype": torch.float32},
+    "amp": {"amp": "fp16"},
+    "fp16": {"amp": "fp16"},
+    "bf16": {"amp": "bf16"},
+    "sgd": {"optimizer": "sgd"},
+    "adam": {"optimizer": "adam"},
+    "adamw": {"optimizer": "adamw"},
+    "checkpoint": {"checkpoint": "auto"},
+}
+DEFAULT_VARIANTS = ("fp32", "amp", "bf16", "sgd", "adamw", "checkpoint")
+
+
+def variant(spec: Any) -> tuple[str, dict[str, Any]]:
+    """A variant as (label, report options): a name from ``VARIANTS``, names joined by "+" ("bf16+checkpoint"),
+    a dict of report options (its "label" key names it), or a (label, dict) pair."""
+    if isinstance(spec, str):
+        merged: dict[str, Any] = {}
+        for name in spec.split("+"):
+            key = name.strip().lower()
+            if key not in VARIANTS:
+                raise ValueError(f"variant {name!r} is unknown; valid: {', '.join(map(repr, VARIANTS))}, names "
+                                 "joined by '+', or a dict of memtrace.report options")
+            merged.update(VARIANTS[key])
+        return spec, merged
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], Mapping):
+        return spec[0], dict(spec[1])
+    if isinstance(spec, Mapping):
+        overrides = {k: v for k, v in spec.items() if k != "label"}
+        label = spec.get("label") or ", ".join(f"{k}={v}" for k, v in overrides.items()) or "as given"
+        return str(label), overrides
+    raise TypeError(f"variant {spec!r} must be a name, a dict of report options or a (label, dict) pair")
+
+
+def _apply(options: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = {**options, **overrides}
+    if "optimizer" in overrides and "optimizer_kwargs" not in overrides:
+        merged.pop("optimizer_kwargs", None)  # another optimizer's keyword arguments need not fit this one
+    if overrides.get("amp") not in (None, False) and "dtype" not in overrides:
+        merged.pop("dtype", None)  # AMP trains float32 parameters
+    return merged
+
+
+def _moved(report: Report, base: Report, threshold: int) -> tuple[tuple[Category, int], ...]:
+    """Categories at the peak that differ from the base by at least ``threshold`` bytes, largest first."""
+    deltas = [(c, report.by_category[c] - base.by_category[c]) for c in Category]
+    return tuple(sorted(((c, d) for c, d in deltas if abs(d) >= threshold), key=lambda cd: -abs(cd[1])))
+
+
+def _moved_text(moved) -> str:
+    return ", ".join(f"{c.value.replace('_', ' ')} {'+' if d > 0 else '−'}{format_bytes(abs(d))}" for c, d in moved) or "-"
+
+
+@dataclass(frozen=True)
+class VariantRow:
+    label: str
+    overrides: Mapping[str, Any]
+    report: Report
+    delta_bytes: int  # peak minus the first row's peak
+    moved: tuple[tuple[Category, int], ...]  # categories at the peak that moved (>= 1% of the first peak)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.report.peak_bytes
+
+
+def _signed(n: int) -> str:
+    return ("+" if n > 0 else "−" if n < 0 else "±") + format_bytes(abs(n), 2)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    rows: tuple[VariantRow, ...]
+
+    def table(self, fmt: str = "simple") -> str:
+        first = self.rows[0].peak_bytes or 1
+        rows = [[r.label, format_bytes(r.peak_bytes, 2), "-" if i == 0 else _signed(r.delta_bytes),
+                 "-" if i == 0 else f"{100 * r.delta_bytes / first:+.1f}%", "-" if i == 0 else _moved_text(r.moved)]
+                for i, r in enumerate(self.rows)]
+        return tabulate(rows, headers=["Variant", "Peak", f"vs {self.rows[0].label}", "", "What moved at the peak"],
+                        tablefmt=fmt, disable_numparse=True, colalign=("left", "right", "right", "right", "left"))
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": [{"label": r.label, "overrides": {k: str(v) for k, v in r.overrides.items()},
+                          "peak_bytes": r.peak_bytes, "delta_bytes": r.delta_bytes,
+                          "moved": {c.value: d for c, d in r.moved}} for r in self.rows]}
+
+
+def compare(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = None,
+            variants: Any = DEFAULT_VARIANTS, **options: Any) -> Comparison:
+    """One estimate per variant of the step given by ``memtrace.report``'s arguments (``options``), with
+    each row's peak against the first row's and the categories at the peak that moved."""
+    specs = [variant(v) for v in variants]
+    if not specs:
+        raise ValueError("variants= is empty; give at least one, e.g. ('fp32', 'bf16')")
+    from . import report
+
+    reports = [report(model, input_shape, inputs=inputs, **_apply(options, o)) for _, o in specs]
+    base = reports[0]
+    threshold = max(1, base.peak_bytes // 100)
+    return Comparison(tuple(VariantRow(label, o, r, r.peak_bytes - base.peak_bytes, _moved(r, base, threshold))
+                            for (label, o), r in zip(specs, reports)))
+
+
+# ---- levers --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Lever:
+    label: str
+    overrides: Mapping[str, Any]
+    report: Report
+    saves_bytes: int  # the base peak minus this one's
+    fits: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Levers:
+    base: Report
+    limit: MemoryLimit
+    levers: tuple[Lever, ...]  # empty when the step fits already
+    largest: Any = None  # planning.MaxBatch at these settings; None when the step fits already
+
+    @property
+    def fits(self) -> bool:
+        return self.base.peak_bytes <= self.limit.limit_bytes
+
+    def table(self, fmt: str = "simple") -> str:
+        over = self.base.peak_bytes - self.limit.limit_bytes
+        if over <= 0:
+            return (f"Fits: predicted peak {format_bytes(self.base.peak_bytes, 2)}, {format_bytes(-over, 2)} under the "
+                    f"{self.limit.describe()}")
+        head = (f"Does not fit: predicted peak {format_bytes(self.base.peak_bytes, 2)} is over the "
+                f"{self.limit.describe()} by {format_bytes(over, 2)}. Levers, each estimated:")
+        if self.largest is not None and not self.largest.fits:
+            head += f"\n(No smaller batch helps: {self.largest.headline()[0].lower()}{self.largest.headline()[1:]}.)"
+        rows = [[lv.label, format_bytes(lv.report.peak_bytes, 2), format_bytes(lv.saves_bytes, 2) if lv.saves_bytes >= 0
+                 else "+" + format_bytes(-lv.saves_bytes, 2), "yes" if lv.fits else "no", lv.note]
+                for lv in self.levers]
+        return head + "\n\n" + tabulate(rows, headers=["Lever", "Peak", "Saves", "Fits", ""], tablefmt=fmt,
+                                        disable_numparse=True, colalign=("left", "right", "right", "left", "left"))
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fits": self.fits, "peak_bytes": self.base.peak_bytes, "limit": self.limit.to_dict(),
+                "levers": [{"label": lv.label, "overrides": {k: str(v) for k, v in lv.overrides.items()},
+                            "peak_bytes": lv.report.peak_bytes, "saves_bytes": lv.saves_bytes, "fits": lv.fits,
+                            "note": lv.note} for lv in self.levers],
+                "max_batch_size": None if self.largest is None else self.largest.batch_size}
+
+
+def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any]) -> list[tuple[str, dict]]:
+    """The settings that can lower memory and are not in use already."""
+    s = base.settings
+    out = []
+    if s["amp"] == "off" and s["dtype"] == "float32":
+        out += [("AMP fp16", {"amp": "fp16"}), ("AMP bf16", {"amp": "bf16"})]
+    if s["optimizer"] not in ("SGD", "none"):
+        out.append(("SGD (no optimizer state)", {"optimizer": "sgd"}))
+        if hasattr(torch.optim, "Adafactor") and s["optimizer"] != "Adafactor":
+            out.append(("Adafactor (factored state)", {"optimizer": torch.optim.Adafactor}))
+    if not s.get("checkpoint") and repeated_blocks(model):
+        out.append(("activation checkpointing", {"checkpoint": "auto"}))
+    return out
+
+
+def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = None, limit: Any = None,
+           gpu: Any = None, context_bytes: Any = None, fragmentation: float | None = None,
+           cap: int = DEFAULT_CAP, **options: Any) -> Levers:
+    """When the step does not fit ``limit`` (or ``gpu``'s usable memory), what each lever saves and whether it
+    brings the step under: a smaller batch (the largest that fits), AMP fp16 / bf16, an optimizer with less
+    state, activation checkpointing, and all of those together when none is enough alone."""
+    from . import report
+
+    mem = limit_for(options, limit, gpu, context_bytes, fragmentation)
+    batched = Batched(None, input_shape, inputs)
+    estimate = Estimates(model, batched, options)
+    base = estimate(batched.batch_size)
+    if base.peak_bytes <= mem.limit_bytes:
+        return Levers(base, mem, ())
+    found = []
+
+    def add(label, overrides, r, note=""):
+        found.append(Lever(label, overrides, r, base.peak_bytes - r.peak_bytes, r.peak_bytes <= mem.limit_bytes, note))
+
+    largest = search(estimate, mem, batched.batch_size, cap)
+    if largest.fits:
+        b, given = largest.batch_size, batched.batch_size
+        add(f"batch {given} → {b}", {"batch_size": b}, largest.report,
+            f"accumulate gradients over {math.ceil(given / b)} steps to keep batch {given}")
+    candidates = _candidates(model, base, options)
+    for label, overrides in candidates:
+        add(label, overrides, report(model, **batched.at(batched.batch_size), **_apply(options, overrides)))
+    if len(candidates) > 1 and not any(lv.fits for lv in found[1 if largest.fits else 0:]):
+        together: dict[str, Any] = {}
+        for label, overrides in candidates:
+            if not ("amp" in together and "amp" in overrides) and not ("optimizer" in together and "optimizer" in overrides):
+                together.update(overrides)
+        r = report(model, **batched.at(batched.batch_size), **_apply(options, together))
+        add(" + ".join(lbl for lbl, o in candidates if all(together.get(k) == v for k, v in o.items())), together, r)
+    return Levers(base, mem, tuple(found), largest)

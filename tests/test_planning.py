@@ -1,0 +1,285 @@
+"""Planning answers (largest batch, what fits where, what-if, levers, epochs) against memtrace's own reports."""
+
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import memtrace
+from memtrace.options import Category, Phase, repeated_blocks
+from memtrace.planning import MemoryLimit, search
+from tiny_models import make_cnn, make_mlp, token_batch, tiny_gpt2
+
+
+class Block(nn.Module):
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def deep_model(depth: int = 6, d: int = 64) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, d), nn.Sequential(*[Block(d) for _ in range(depth)]), nn.Linear(d, 4))
+
+
+@pytest.fixture
+def count_reports(monkeypatch):
+    calls = []
+    real = memtrace.report
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("input_shape") or kwargs.get("inputs"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(memtrace, "report", counting)
+    return calls
+
+
+# ---- largest batch ---------------------------------------------------------------------------------------
+
+def test_max_batch_fits_and_the_next_does_not(count_reports):
+    model = make_cnn()
+    limit = 72 * 2**20  # above the two cuBLAS workspaces and the model, so the batch decides
+    result = memtrace.max_batch_size(model, input_shape=(64, 3, 32, 32), limit=limit, optimizer="sgd")
+    b = result.batch_size
+    assert b > 1 and not result.capped
+    at, after = (memtrace.report(model, (n, 3, 32, 32), optimizer="sgd").peak_bytes for n in (b, b + 1))
+    assert at <= limit < after
+    assert result.report.peak_bytes == at and result.next_report.peak_bytes == after
+    assert result.headroom_bytes == limit - at
+    # close to affine here: the given batch, the answer its split predicts, and the one after it
+    assert result.estimates == len(count_reports) - 2 == 3
+    assert sorted(result.peaks) == [b, b + 1, 64]
+    assert result.to_dict()["batch_size"] == b and str(b) in result.table()
+
+
+def test_max_batch_varies_every_input_of_a_token_model():
+    model = tiny_gpt2()
+    result = memtrace.max_batch_size(model, inputs=token_batch(), limit="100 MiB")
+    b = result.batch_size
+    assert b > 2
+    assert [i["shape"] for i in result.report.settings["inputs"]] == [[b, 32], [b, 32]]
+    assert [i["shape"] for i in result.next_report.settings["inputs"]] == [[b + 1, 32], [b + 1, 32]]
+    assert result.report.peak_bytes <= 100 * 2**20 < result.next_report.peak_bytes
+    assert result.estimates <= 4
+
+
+def test_batch_one_that_does_not_fit_is_said():
+    result = memtrace.max_batch_size(make_mlp(), (4,), limit="1 MiB")
+    assert result.batch_size == 0 and not result.fits and result.report is None
+    assert result.next_report.settings["inputs"][0]["shape"] == [1, 4]
+    assert result.next_report.peak_bytes > 2**20
+    assert "Even batch 1 does not fit" in result.table()
+
+
+def test_huge_answers_stop_at_the_cap():
+    result = memtrace.max_batch_size(make_mlp(), (4,), limit="10 GiB", cap=5000)
+    assert result.capped and result.batch_size == 5000 and result.next_report is None
+    assert result.report.peak_bytes <= 10 * 2**30
+    assert result.estimates == 2  # the start, then the cap
+    assert "at least 5000" in result.table()
+
+
+def test_gpu_limit_is_the_cards_usable_memory():
+    card = memtrace.GPUS["a5000"]
+    mem = memtrace.memory_limit(gpu="A5000")
+    assert mem.limit_bytes == card.usable_bytes() and mem.gpu == "A5000"
+    assert memtrace.memory_limit(gpu="A5000", context_bytes="2 GiB", fragmentation=0.1).limit_bytes == \
+        int((24 * 2**30 - 2 * 2**30) * 0.9)
+    assert memtrace.memory_limit(limit="24GB").limit_bytes == 24 * 10**9
+    result = memtrace.max_batch_size(make_mlp(), (4,), gpu="T4", cap=64)
+    assert result.report.settings["gpu"] == "T4" and result.limit.gpu == "T4"
+    with pytest.raises(ValueError, match="limit="):
+        memtrace.max_batch_size(make_mlp(), (4,), device="cpu")
+
+
+class _Peaks:
+    """A stand-in for Estimates whose peak is any function of the batch."""
+
+    def __init__(self, peak_of):
+        self.peak_of = peak_of
+        self.reports = {}
+
+    def __call__(self, b):
+        if b not in self.reports:
+            peak = self.peak_of(b)
+            fixed = self.peak_of(0)
+            by = {c: 0 for c in Category}
+            by[Category.PARAMETER], by[Category.ACTIVATION] = fixed, peak - fixed
+            self.reports[b] = type("R", (), {"peak_bytes": peak, "by_category": MappingProxyType(by)})()
+        return self.reports[b]
+
+
+@settings(max_examples=60, deadline=None)
+@given(fixed=st.integers(0, 10**6), slope=st.integers(1, 10**4), jump_at=st.integers(1, 3000),
+       jump=st.integers(0, 10**6), curve=st.integers(0, 50), start=st.integers(1, 500),
+       limit=st.integers(1, 10**8))
+def test_search_is_right_when_memory_is_not_affine(fixed, slope, jump_at, jump, curve, start, limit):
+    # a step in memory (a new allocator segment, the peak moving to another phase) and a convex term
+    def peak(b):
+        return fixed + slope * b + (jump if b >= jump_at else 0) + curve * b * b // 100
+
+    est = _Peaks(peak)
+    result = search(est, MemoryLimit(limit), start, cap=4096)
+    b = result.batch_size
+    if b:
+        assert peak(b) <= limit
+    if not result.capped:
+        assert peak(b + 1) > limit
+    else:
+        assert b == 4096
+    assert result.estimates == len(est.reports) <= 3 + 6 + 2 * math.ceil(math.log2(4096)) + 2
+
+
+# ---- what fits where ---------------------------------------------------------------------------------------
+
+def test_fits_table_rows_match_single_estimates():
+    model = make_cnn()
+    table = memtrace.fits(model, input_shape=(64, 3, 32, 32), gpus=["H100", "T4", "A5000", "RTX 4090"],
+                          optimizer="sgd", cap=4096)
+    assert [r.gpu for r in table.rows] == ["H100", "T4", "A5000", "RTX 4090"]
+    for row in table.rows:
+        single = memtrace.report(model, (64, 3, 32, 32), optimizer="sgd", gpu=row.gpu)
+        assert row.peak_bytes == single.peak_bytes
+        assert row.usable_bytes == memtrace.GPUS[row.gpu.lower().replace(" ", "")].usable_bytes()
+        assert row.fits == (single.peak_bytes <= row.usable_bytes)
+        assert row.largest.batch_size == memtrace.max_batch_size(
+            model, (3, 32, 32), gpu=row.gpu, optimizer="sgd", cap=4096).batch_size
+    # A5000 and RTX 4090 (sm86, sm89) behave alike and have the same memory: one search serves both
+    assert table.rows[2].largest.peaks == table.rows[3].largest.peaks
+    assert "Largest batch" in table.table() and len(table.to_dict()["rows"]) == 4
+
+
+# ---- what-if ------------------------------------------------------------------------------------------------
+
+def test_compare_rows_equal_individual_reports():
+    model = deep_model()
+    shape = (256, 16)
+    result = memtrace.compare(model, shape, variants=["fp32", "bf16", "sgd", "checkpoint",
+                                                      {"label": "momentum", "optimizer": "sgd",
+                                                       "optimizer_kwargs": {"momentum": 0.9}}])
+    singles = [memtrace.report(model, shape), memtrace.report(model, shape, amp="bf16"),
+               memtrace.report(model, shape, optimizer="sgd"), memtrace.report(model, shape, checkpoint="auto"),
+               memtrace.report(model, shape, optimizer="sgd", optimizer_kwargs={"momentum": 0.9})]
+    assert [r.label for r in result.rows] == ["fp32", "bf16", "sgd", "checkpoint", "momentum"]
+    for row, single in zip(result.rows, singles):
+        assert row.peak_bytes == single.peak_bytes
+        assert dict(row.report.by_category) == dict(single.by_category)
+        assert row.delta_bytes == single.peak_bytes - singles[0].peak_bytes
+    sgd = result.rows[2]  # plain SGD keeps no state: that is what moved
+    assert (Category.OPTIMIZER_STATE, -singles[0].by_category[Category.OPTIMIZER_STATE]) in sgd.moved
+    assert "momentum" in result.table() and result.to_dict()["rows"][0]["delta_bytes"] == 0
+
+
+def test_unknown_variant_names_the_choices():
+    with pytest.raises(ValueError, match="'bf16'"):
+        memtrace.compare(make_mlp(), (2, 4), variants=["fp8"])
+
+
+def test_checkpointing_lowers_activations_and_raises_nothing_else():
+    model = deep_model(depth=8)
+    assert repeated_blocks(model) == tuple(f"1.{i}" for i in range(8))
+    shape = (2048, 16)
+    plain, ckpt = memtrace.report(model, shape), memtrace.report(model, shape, checkpoint="auto")
+    assert ckpt.settings["checkpoint"] == [f"1.{i}" for i in range(8)]
+    assert ckpt.peak_bytes < plain.peak_bytes
+    assert ckpt.peak.phase is plain.peak.phase is Phase.BACKWARD
+    assert ckpt.by_category[Category.ACTIVATION] < plain.by_category[Category.ACTIVATION]
+    for c in (Category.PARAMETER, Category.GRADIENT, Category.OPTIMIZER_STATE, Category.BUFFER, Category.INPUT,
+              Category.WORKSPACE, Category.TEMPORARY):
+        assert ckpt.by_category[c] <= plain.by_category[c], c
+    for a, b in zip(plain.layers, ckpt.layers):  # per-layer rows: same model state, less saved in forward
+        assert (a.name, a.params, a.param_bytes, a.gradient_bytes, a.optimizer_state_bytes) == \
+            (b.name, b.params, b.param_bytes, b.gradient_bytes, b.optimizer_state_bytes)
+    block_in = 2048 * 64 * 4  # what a checkpointed block keeps from forward: its input, 2048 x 64 floats
+    assert ckpt.layer("1").activation_bytes == 8 * block_in < plain.layer("1").activation_bytes
+    # backward recomputes each block: the recomputation's saved tensors are activations again, in backward
+    assert any(a.category is Category.ACTIVATION and a.phase is Phase.BACKWARD for a in ckpt.allocations)
+
+
+def test_checkpoint_names_and_errors():
+    model = deep_model(depth=3)
+    r = memtrace.report(model, (64, 16), checkpoint=["1.0", "1.2"])
+    assert r.settings["checkpoint"] == ["1.0", "1.2"]
+    with pytest.raises(ValueError, match="not a submodule"):
+        memtrace.report(model, (64, 16), checkpoint=["1.9"])
+    with pytest.raises(ValueError, match="no repeated blocks"):
+        memtrace.report(make_mlp(), (2, 4), checkpoint="auto")
+
+
+def test_checkpointing_a_hugging_face_model():
+    model = tiny_gpt2()
+    plain = memtrace.report(model, inputs=token_batch())
+    ckpt = memtrace.report(model, inputs=token_batch(), checkpoint="auto")
+    assert ckpt.settings["checkpoint"] == ["transformer.h.0", "transformer.h.1"]
+    assert ckpt.layer("transformer.h").activation_bytes < plain.layer("transformer.h").activation_bytes
+
+
+# ---- levers ---------------------------------------------------------------------------------------------------
+
+def test_levers_each_come_from_an_estimate():
+    model = deep_model(depth=4)
+    shape = (2048, 16)
+    base = memtrace.report(model, shape)
+    limit = base.peak_bytes - 2**20
+    result = memtrace.levers(model, shape, limit=limit)
+    assert not result.fits and result.base.peak_bytes == base.peak_bytes
+    by_label = {lv.label: lv for lv in result.levers}
+    assert {"AMP fp16", "AMP bf16", "SGD (no optimizer state)", "activation checkpointing"} <= set(by_label)
+    for lv in result.levers:
+        assert lv.saves_bytes == base.peak_bytes - lv.report.peak_bytes
+        assert lv.fits == (lv.report.peak_bytes <= limit)
+    assert by_label["activation checkpointing"].report.peak_bytes == \
+        memtrace.report(model, shape, checkpoint="auto").peak_bytes
+    smaller = result.levers[0]
+    b = result.largest.batch_size
+    assert smaller.label == f"batch 2048 → {b}" and smaller.fits and 0 < b < 2048
+    assert memtrace.report(model, (b + 1, 16)).peak_bytes > limit
+    assert "Does not fit" in result.table() and result.to_dict()["max_batch_size"] == b
+
+
+def test_no_levers_when_it_fits():
+    result = memtrace.levers(make_mlp(), (2, 4), limit="1 GiB")
+    assert result.fits and result.levers == () and result.table().startswith("Fits")
+
+
+# ---- epochs -----------------------------------------------------------------------------------------------------
+
+def test_flops_of_linears_are_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4))
+    r = memtrace.report(model, (8, 16))
+    first, second = 2 * 8 * 16 * 32, 2 * 8 * 32 * 4  # 2 * B * in * out each
+    assert r.flops[Phase.FORWARD] == first + second
+    # backward: the weight gradient of each, and the input gradient of the second only (the model's
+    # input needs none): 2x its forward for a Linear inside a network
+    assert r.flops[Phase.BACKWARD] == first + 2 * second
+    assert r.flops_per_iteration == 2 * first + 3 * second  # one iteration, not the two traced
+
+
+def test_epoch_arithmetic():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4))
+    plan = memtrace.plan_epoch(model, (8, 16), dataset_size=1001, gpu="A100-80GB", samples_per_second=50.0)
+    per_iter = 2 * (2 * 8 * 16 * 32) + 3 * (2 * 8 * 32 * 4)
+    assert plan.iterations == 126 == math.ceil(1001 / 8) and plan.batch_size == 8
+    assert plan.flops_per_iteration == per_iter
+    assert plan.flops_per_epoch == per_iter * 1001 / 8
+    assert plan.precision == "tf32" and plan.peak_tflops == 156.0
+    assert plan.lower_bound_seconds == per_iter * 1001 / 8 / 156e12
+    assert plan.estimated_seconds == 1001 / 50.0
+    assert "Lower bound" in plan.table() and plan.to_dict()["iterations"] == 126
+    # the same plan from an existing report traces nothing new, and bf16 reads the bf16 peak
+    bf16 = memtrace.report(model, (8, 16), amp="bf16", device="cpu")
+    plan = memtrace.plan_epoch(report=bf16, dataset_size=16, gpu="T4")
+    assert plan.precision == "bf16" and plan.peak_tflops is None and plan.lower_bound_seconds is None
+    with pytest.raises(ValueError, match="dataset_size"):
+        memtrace.plan_epoch(report=bf16, dataset_size=0)
