@@ -248,18 +248,10 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
         def mark_optimizer_state():
             if optimizer is None:
                 return
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    for key, value in optimizer.state.get(p, {}).items():
-                        if isinstance(value, torch.Tensor):
-                            rec = tracker.record_of(value)
-                            if rec is None or rec.birth is not None:
-                                continue
-                            rec.role = Category.OPTIMIZER_STATE
-                            rec.host = target.host_resident(optimizer, group, key, value)
-                            recs = state_records.setdefault(name_of.get(id(p), "?"), [])
-                            if rec not in recs:
-                                recs.append(rec)
+            for p, rec in _mark_optimizer_states(tracker, target, optimizer):
+                recs = state_records.setdefault(name_of.get(id(p), "?"), [])
+                if rec not in recs:
+                    recs.append(rec)
 
         def on_phase(phase: Phase, it: int) -> None:
             mark_optimizer_state()
@@ -296,6 +288,20 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
         state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()},
         assumptions=tracker.assumptions, op_count=tracker.op_count, flops=flops.counts,
     )
+
+
+def _mark_optimizer_states(tracker: StorageTracker, target: Target, optimizer: torch.optim.Optimizer):
+    """Classify each optimizer state tensor not classified yet; yields (parameter, its state's record)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    rec = tracker.record_of(value)
+                    if rec is None or rec.birth is not None:
+                        continue
+                    rec.role = Category.OPTIMIZER_STATE
+                    rec.host = target.host_resident(optimizer, group, key, value)
+                    yield p, rec
 
 
 def _explain(exc: Exception, tracker: StorageTracker) -> Exception:
@@ -501,7 +507,8 @@ class _BodySession:
                     rec = tracker.record_of(p)
                     if rec is not None:
                         self.param_records[qualified] = rec
-                    self._remember(self.grad_records, qualified, p.grad)
+                    if p.grad is not None:
+                        self._remember(self.grad_records, qualified, tracker.record_of(p.grad))
             for b in module._buffers.values():
                 rec = tracker.record_of(b) if b is not None else None
                 if rec is not None:
@@ -511,16 +518,9 @@ class _BodySession:
                 for p in group["params"]:
                     seen.setdefault(id(p), p)
                     self._mark_param(p)
-                    pname = self.param_names.get(id(p))
-                    for key, value in optimizer.state.get(p, {}).items():
-                        if isinstance(value, torch.Tensor):
-                            rec = tracker.record_of(value)
-                            if rec is None or rec.birth is not None:
-                                continue
-                            rec.role = Category.OPTIMIZER_STATE
-                            rec.host = self.target.host_resident(optimizer, group, key, value)
-                            if pname is not None:
-                                self._remember(self.state_records, pname, value)
+            for p, rec in _mark_optimizer_states(tracker, self.target, optimizer):
+                if id(p) in self.param_names:
+                    self._remember(self.state_records, self.param_names[id(p)], rec)
         count = sum(p.numel() for p in seen.values())
         if count > self.param_count:
             self.param_count = count
@@ -533,8 +533,7 @@ class _BodySession:
         if p.grad is not None:
             self.tracker.mark_role(p.grad, Category.GRADIENT)
 
-    def _remember(self, table: dict, key: str, t) -> None:
-        rec = self.tracker.record_of(t) if isinstance(t, torch.Tensor) else None
+    def _remember(self, table: dict, key: str, rec: StorageRecord | None) -> None:
         if rec is not None:
             recs = table.setdefault(key, [])
             if rec not in recs:
