@@ -167,13 +167,18 @@ def test_marker():
 
 def test_no_limit(memtrace_budget):
     memtrace_budget(linear(), (2, 4))
+
+@pytest.mark.vram_limit("1 GiB", gpus="A5000")
+def test_misspelt():
+    pass
 """)
-    result.assert_outcomes(failed=3)
+    result.assert_outcomes(failed=4)
     result.stdout.fnmatch_lines([
         "*ValueError: memtrace_budget: cannot read size 'lots': write a number and a unit, e.g. '24 GiB'*",
         "vram_limit('lots'): cannot read size 'lots': write a number and a unit, e.g. '24 GiB', '24G' (both "
         "2**30) or '24GB' (10**9)*",
         "*ValueError: memtrace_budget: give limit= (e.g. '24 GiB') or gpu= *",
+        "vram_limit got unknown arguments ['gpus']; valid: limit, gpu, device",
     ])
 
 
