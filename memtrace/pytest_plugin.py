@@ -328,7 +328,7 @@ def run_marked_body(manager: MemtraceManager, item, marker) -> None:
     problem = None  # pytest.fail is raised outside the except blocks, so the failure is this one message
     try:
         limit, gpu, device = _marker_arguments(marker)
-        limit_bytes, source = parse_limit(limit, gpu, f"vram_limit({limit!r})")
+        limit_bytes, source = parse_limit(limit, gpu, "vram_limit" if limit is None else f"vram_limit({limit!r})")
         if device not in DEVICES:
             raise ValueError(f"vram_limit(device={device!r}) is unknown; valid: 'cuda', 'cpu'")
         if gpu is not None and device != "cuda":

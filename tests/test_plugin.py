@@ -171,14 +171,19 @@ def test_no_limit(memtrace_budget):
 @pytest.mark.vram_limit("1 GiB", gpus="A5000")
 def test_misspelt():
     pass
+
+@pytest.mark.vram_limit()
+def test_marker_without_limit():
+    pass
 """)
-    result.assert_outcomes(failed=4)
+    result.assert_outcomes(failed=5)
     result.stdout.fnmatch_lines([
         "*ValueError: memtrace_budget: cannot read size 'lots': write a number and a unit, e.g. '24 GiB'*",
         "vram_limit('lots'): cannot read size 'lots': write a number and a unit, e.g. '24 GiB', '24G' (both "
         "2**30) or '24GB' (10**9)*",
         "*ValueError: memtrace_budget: give limit= (e.g. '24 GiB') or gpu= *",
         "vram_limit got unknown arguments ['gpus']; valid: limit, gpu, device",
+        "vram_limit: give limit= (e.g. '24 GiB') or gpu= (a card whose usable memory is the limit)",
     ])
 
 
