@@ -62,7 +62,7 @@ def header_lines(report) -> list[str]:
         f"memtrace: {report.model} — {report.param_count:,} parameters ({report.trainable_param_count:,} trainable)",
         f"{mode} on {report.device}{' (' + s['gpu'] + ')' if s.get('gpu') else ''}, {report.allocator} "
         f"allocator model, optimizer {s['optimizer']}, "
-        f"amp {s['amp']}, dtype {s['dtype']}, {s['steps']} step(s); inputs {inputs}",
+        f"amp {s['amp']}, dtype {s['dtype']}, {s['steps']} step(s)" + (f"; inputs {inputs}" if inputs else ""),
     ]
 
 
