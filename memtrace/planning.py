@@ -207,7 +207,8 @@ def search(estimate: Estimates, limit: MemoryLimit, start: int, cap: int = DEFAU
         raise ValueError(f"cap={cap!r} must be >= 1")
     before = set(estimate.reports)
     target = limit.limit_bytes
-    peaks: dict[int, int] = {}
+    # estimates made before for other limits (fits() shares them between cards) are points for the line too
+    peaks: dict[int, int] = {b: r.peak_bytes for b, r in estimate.reports.items() if b <= cap}
 
     def peak(b: int) -> int:
         if b not in peaks:
@@ -222,17 +223,21 @@ def search(estimate: Estimates, limit: MemoryLimit, start: int, cap: int = DEFAU
     start = max(1, min(start, cap))
     peak(start)
     guess = _one_report_guess(estimate(start), start, target)
-    gallop = 0
-    for rounds in range(4 * cap.bit_length() + _LINE_ROUNDS + 2):
+    lines = gallop = 0
+    for _ in range(4 * cap.bit_length() + _LINE_ROUNDS + 2):
         lo, hi = bracket()
         if (hi is not None and hi == lo + 1) or lo == cap:
             break
         top = cap if hi is None else hi - 1
-        c = min(max(guess if rounds == 0 else _secant(peaks, target), lo + 1), top)
-        fresh = [] if rounds > _LINE_ROUNDS else [b for b in (c,) if b not in peaks]
-        if rounds and rounds <= _LINE_ROUNDS:  # confirm towards the answer
+        fresh = []
+        if len(peaks) == 1:  # the one-estimate guess: a second point for the line
+            fresh = [min(max(guess, lo + 1), top)]
+        elif lines < _LINE_ROUNDS:  # the line's answer, confirmed towards the answer
+            lines += 1
+            c = min(max(_secant(peaks, target), lo + 1), top)
+            fresh = [c] if c not in peaks else []
             step = c + 1 if peak(c) <= target else c - 1
-            fresh += [step] if lo < step <= top + 1 and step not in peaks else []
+            fresh += [step] if lo < step <= min(top + 1, cap) and step not in peaks else []
         if not fresh:  # the line adds nothing, or converges slowly: narrow the bracket
             fresh = [_narrow(peaks, target, lo, hi, cap, gallop)]
             gallop += 1
@@ -242,7 +247,7 @@ def search(estimate: Estimates, limit: MemoryLimit, start: int, cap: int = DEFAU
     return MaxBatch(
         batch_size=lo, limit=limit, report=estimate(lo) if lo else None,
         next_report=estimate(hi) if hi is not None else None,
-        estimates=len(set(estimate.reports) - before), capped=hi is None,
+        estimates=len(set(estimate.reports) - before), capped=hi is None and lo == cap,
         peaks=MappingProxyType(dict(sorted(peaks.items()))),
     )
 

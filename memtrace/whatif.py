@@ -153,8 +153,8 @@ class Levers:
         if over <= 0:
             return (f"Fits: predicted peak {format_bytes(self.base.peak_bytes, 2)}, {format_bytes(-over, 2)} under the "
                     f"{self.limit.describe()}")
-        head = (f"Does not fit: predicted peak {format_bytes(self.base.peak_bytes, 2)} is over the "
-                f"{self.limit.describe()} by {format_bytes(over, 2)}. Levers, each estimated:")
+        head = (f"Does not fit: predicted peak {format_bytes(self.base.peak_bytes, 2)} is {format_bytes(over, 2)} "
+                f"over the {self.limit.describe()}. Levers, each estimated:")
         if self.largest is not None and not self.largest.fits:
             head += f"\n(No smaller batch helps: {self.largest.headline()[0].lower()}{self.largest.headline()[1:]}.)"
         rows = [[lv.label, format_bytes(lv.report.peak_bytes, 2), format_bytes(lv.saves_bytes, 2) if lv.saves_bytes >= 0
@@ -211,8 +211,9 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
     largest = search(estimate, mem, batched.batch_size, cap)
     if largest.fits:
         b, given = largest.batch_size, batched.batch_size
+        steps = math.ceil(given / b)
         add(f"batch {given} → {b}", {"batch_size": b}, largest.report,
-            f"accumulate gradients over {math.ceil(given / b)} steps to keep batch {given}")
+            f"{steps} micro-batches of ≤ {math.ceil(given / steps)} with gradient accumulation keep batch {given}")
     candidates = _candidates(model, base, options)
     for label, overrides in candidates:
         add(label, overrides, report(model, **batched.at(batched.batch_size), **_apply(options, overrides)))
