@@ -158,6 +158,20 @@ def test_fits_table_rows_match_single_estimates():
     assert "Largest batch" in table.table() and len(table.to_dict()["rows"]) == 4
 
 
+def test_cards_that_share_estimates_predict_the_same():
+    # fits() reuses one card's estimates for every card with the same attention kernels and cuBLAS
+    # workspace; if the CUDA target starts using more of a card, this catches it
+    from memtrace.planning import _behaviour
+
+    model = tiny_gpt2()
+    for a, b in (("H100", "B200"), ("A5000", "L4"), ("V100-32GB", "T4")):
+        ca, cb = memtrace.GPUS[a.lower().replace("-", "")], memtrace.GPUS[b.lower()]
+        assert _behaviour(ca) == _behaviour(cb)
+        ra, rb = (memtrace.report(model, inputs=token_batch(), amp="bf16", gpu=g) for g in (a, b))
+        assert ra.peak_bytes == rb.peak_bytes and dict(ra.by_category) == dict(rb.by_category)
+        assert [x.charged_bytes for x in ra.allocations] == [x.charged_bytes for x in rb.allocations]
+
+
 # ---- what-if ------------------------------------------------------------------------------------------------
 
 def test_compare_rows_equal_individual_reports():
