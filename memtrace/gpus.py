@@ -14,7 +14,11 @@ MiB = 2**20
 # predicted allocated peak may reach (``GPU.usable_bytes``); both can be overridden per call.
 # - The CUDA context and the kernels of the CUDA libraries it loads live outside PyTorch's allocator
 #   (nvidia-smi shows them; max_memory_allocated does not): a few hundred MiB with lazy module loading,
-#   over 1 GiB without it.
+#   over 1 GiB without it. The allowance also covers the memory the driver never hands out: the total that
+#   PyTorch reports (``get_device_properties().total_memory``, quoted in its out-of-memory messages) is
+#   below the nominal size, e.g. 79.15-79.25 GiB on 80 GB A100s and H100s and 23.61-23.68 GiB on an RTX 4090
+#   in messages users posted. On a T4 it is 14.75 GiB (hpcaitech/Open-Sora#697), 1.25 GiB under the 16 GiB
+#   listed here, so on that card the context is covered only together with the fragmentation share.
 CONTEXT_ALLOWANCE_BYTES = 1 * GiB
 # - The caching allocator reserves whole segments, so reserved memory exceeds the allocated peak; the
 #   share of the remaining memory kept for that gap.
