@@ -18,7 +18,8 @@ from .report import Allocation, LayerRow, Peak, PhaseSpan, Report, Timeline
 from .step import LossError
 from .measure import Measurement, measure
 from .units import format_bytes, parse_size
-from .planning import FitTable, MaxBatch, MemoryLimit, fits, max_batch_size, memory_limit
+from .planning import MaxBatch, MemoryLimit, max_batch_size, memory_limit
+from .gpufit import FitTable, fits
 from .whatif import Comparison, Levers, compare, levers
 from .epoch import EpochPlan, plan_epoch
 

@@ -161,7 +161,7 @@ def test_fits_table_rows_match_single_estimates():
 def test_cards_that_share_estimates_predict_the_same():
     # fits() reuses one card's estimates for every card with the same attention kernels and cuBLAS
     # workspace; if the CUDA target starts using more of a card, this catches it
-    from memtrace.planning import _behaviour
+    from memtrace.gpufit import _behaviour
 
     model = tiny_gpt2()
     for a, b in (("H100", "B200"), ("A5000", "L4"), ("V100-32GB", "T4")):
