@@ -79,6 +79,30 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _variants(text: str) -> list[str]:
+    from .whatif import variant
+
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        for name in names:
+            variant(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one variant, e.g. fp32,bf16")
+    return names
+
+
 def _gpu(text: str):
     from .gpus import lookup
 
@@ -143,8 +167,25 @@ def build_parser() -> argparse.ArgumentParser:
                                              "and whether it fits")
     tr.add_argument("--steps", type=_positive, default=2, help="training iterations to trace (default 2)")
     tr.add_argument("--inference", action="store_true", help="forward only, no gradients or optimizer")
+    tr.add_argument("--checkpoint", nargs="?", const="auto", metavar="NAMES",
+                    help="activation checkpointing of the model's repeated blocks, or of the modules named "
+                         "(comma-separated dotted names)")
     tr.add_argument("--verify", action="store_true", help="also run the real step on this machine's GPU and show "
                                                           "the measured peak")
+
+    ask = p.add_argument_group("questions (each adds a table; the limit is --budget, else --gpu's usable memory)")
+    ask.add_argument("--max-batch", action="store_true",
+                     help="the largest batch size that fits (the search starts at --batch-size)")
+    ask.add_argument("--fits", action="store_true",
+                     help="for every GPU in the catalog: fits at this batch size, headroom, largest batch")
+    ask.add_argument("--compare", type=_variants, metavar="VARIANTS",
+                     help="one row per variant, e.g. fp32,amp,bf16,sgd,adamw,checkpoint ('+' combines: bf16+sgd)")
+    ask.add_argument("--dataset-size", type=_positive, metavar="N",
+                     help="plan an epoch of N samples: iterations, FLOPs, a lower bound on its time")
+    ask.add_argument("--samples-per-second", type=_positive_float, metavar="X",
+                     help="with --dataset-size: a measured throughput, for a realistic epoch time")
+    ask.add_argument("--no-levers", action="store_true",
+                     help="do not estimate what would bring a step that does not fit under the limit")
 
     out = p.add_argument_group("output")
     out.add_argument("--format", choices=["table", "markdown", "json"], default="table")
@@ -152,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--allocations", action="store_true", help="JSON: include every allocation")
     out.add_argument("--budget", type=_size, metavar="SIZE",
                      help="exit with status 3 when the predicted peak is over SIZE (e.g. 24GiB)")
+    out.add_argument("--plot", metavar="PNG", help="draw the step's memory over time (needs matplotlib)")
+    out.add_argument("--snapshot", metavar="PICKLE",
+                     help="write the predicted allocations as a CUDA memory snapshot, for pytorch.org/memory_viz")
     out.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -209,13 +253,21 @@ def _fit_line(report, gpu, budget: int | None) -> list[str]:
     return lines
 
 
-def render(report, gpu, args) -> str:
-    """The command's text: header, per-layer table, breakdown at the peak, the peak, whether it fits."""
+ANSWER_TITLES = {"max_batch": None, "fits": "What fits where", "compare": "What if", "epoch": "Epoch plan",
+                 "levers": None}  # None: the table starts with its own headline
+
+
+def render(report, gpu, args, answers: dict[str, Any] | None = None) -> str:
+    """The command's text: header, per-layer table, breakdown at the peak, the peak, whether it fits, then
+    the answers to the questions asked (largest batch, fits, what-if, epoch, levers)."""
     from .render import category_table, header_lines, layer_table, notes_lines, peak_lines
 
     fmt = "github" if args.format == "markdown" else "simple"
     text_blocks = [header_lines(report), [layer_table(report, args.depth, fmt)], [category_table(report, fmt)],
                    peak_lines(report) + _fit_line(report, gpu, args.budget)]
+    for name, answer in (answers or {}).items():
+        title = ANSWER_TITLES[name]
+        text_blocks.append(([title + ":"] if title else []) + [answer.table(fmt)])
     notes = notes_lines(report)
     if notes:
         text_blocks.append(notes)
@@ -267,34 +319,80 @@ def _run(args, parser) -> int:
         raise UsageError("--gpu names the card of a --device cuda run")
     if args.verify and args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--verify runs the real step on a CUDA GPU, and none is present here")
+    if (args.max_batch or args.fits) and args.input_shape and not args.batch_size:
+        raise UsageError("--max-batch and --fits vary the batch size: give --batch-size, with --input-shape as "
+                         "the shape of one sample")
+    if args.fits and args.device == "cpu":
+        raise UsageError("--fits predicts a CUDA run on every card; leave out --device cpu")
+    if args.max_batch and args.device == "cpu" and args.budget is None:
+        raise UsageError("--max-batch on --device cpu needs --budget: there is no GPU memory to fill")
+    if args.dataset_size is None and args.samples_per_second is not None:
+        raise UsageError("--samples-per-second goes with --dataset-size")
+    if args.dataset_size is not None and (args.device == "cpu" or args.inference):
+        raise UsageError("--dataset-size plans a training epoch on a GPU; leave out --device cpu and --inference")
     try:
         built = build_model(args.model, args.model_kwargs, args.task)
     except ModelSpecError as exc:
         raise UsageError(str(exc)) from None
     if built.note:
         print(f"memtrace: note: {built.note}", file=sys.stderr)
+    inputs = _inputs(args, built)
+    options = dict(optimizer=None if args.optimizer == "none" else args.optimizer,
+                   optimizer_kwargs=args.optimizer_kwargs, amp=False if args.amp == "off" else args.amp,
+                   dtype=args.dtype, device=args.device, steps=args.steps, train=not args.inference)
+    if args.checkpoint is not None:
+        options["checkpoint"] = "auto" if args.checkpoint == "auto" else [
+            n.strip() for n in args.checkpoint.split(",") if n.strip()]
     try:
-        report = memtrace.report(
-            built.module, **_inputs(args, built),
-            optimizer=None if args.optimizer == "none" else args.optimizer,
-            optimizer_kwargs=args.optimizer_kwargs, amp=False if args.amp == "off" else args.amp,
-            dtype=args.dtype, device=args.device, steps=args.steps, train=not args.inference,
-            gpu=args.gpu, verify=args.verify)
+        report = memtrace.report(built.module, **inputs, **options, gpu=args.gpu, verify=args.verify)
     except (ValueError, TypeError) as exc:  # an argument memtrace.report refused: a usage error
         raise UsageError(str(exc)) from None
 
     gpu = None
     if args.device == "cuda":  # the card the prediction was made for
         gpu = args.gpu or (present() if args.verify else lookup(DEFAULT_GPU))
+    answers = _answers(args, built.module, inputs, options, report, gpu)
+    if args.plot:
+        report.plot(args.plot)
+    if args.snapshot:
+        report.save_snapshot(args.snapshot)
     if args.format == "json":
-        print(json.dumps(report.to_dict(allocations=args.allocations), indent=2))
+        out = report.to_dict(allocations=args.allocations)
+        out.update({name: answer.to_dict() for name, answer in answers.items()})
+        print(json.dumps(out, indent=2))
     else:
-        print(render(report, gpu, args))
+        print(render(report, gpu, args, answers))
+    for path, what in ((args.plot, "picture of the step"), (args.snapshot, "memory snapshot")):
+        if path:
+            print(f"memtrace: wrote the {what} to {path}", file=sys.stderr)
     if args.budget is not None and report.peak_bytes > args.budget:
         print(f"memtrace: predicted peak {format_bytes(report.peak_bytes)} is over the budget of "
               f"{format_bytes(args.budget)} by {format_bytes(report.peak_bytes - args.budget)}", file=sys.stderr)
         return EXIT_OVER_BUDGET
     return EXIT_OK
+
+
+def _answers(args, model, inputs, options, report, gpu) -> dict[str, Any]:
+    """The questions asked on the command line, answered from new estimates with the same options; each
+    result has ``table()`` and ``to_dict()``."""
+    import memtrace
+
+    answers: dict[str, Any] = {}
+    card = {"gpu": args.gpu} if args.gpu is not None else {}
+    if args.max_batch:
+        answers["max_batch"] = memtrace.max_batch_size(model, **inputs, limit=args.budget, **card, **options)
+    if args.fits:
+        cuda_options = {k: v for k, v in options.items() if k != "device"}
+        answers["fits"] = memtrace.fits(model, **inputs, **cuda_options)
+    if args.compare:
+        answers["compare"] = memtrace.compare(model, **inputs, variants=args.compare, **card, **options)
+    if args.dataset_size is not None:
+        answers["epoch"] = memtrace.plan_epoch(report=report, dataset_size=args.dataset_size, gpu=args.gpu,
+                                               samples_per_second=args.samples_per_second)
+    limit = args.budget if args.budget is not None else (gpu.usable_bytes() if gpu is not None else None)
+    if limit is not None and report.peak_bytes > limit and not args.no_levers and not args.inference:
+        answers["levers"] = memtrace.levers(model, **inputs, limit=args.budget, **card, **options)
+    return answers
 
 
 if __name__ == "__main__":

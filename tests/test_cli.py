@@ -143,6 +143,13 @@ def test_module_entry_point_and_help():
     ([MLP, "--input", "3-4=3,4"], 2, "input name '3-4' in '3-4=3,4' is not an identifier"),
     (["torchvision.models", "--input-shape", "3"], 2, "cannot read MODEL 'torchvision.models': write package.module:factory"),
     ([MLP, "--input-shape", "3,4", "--task", "causal-lm"], 2, "--task is for Hugging Face models"),
+    ([MLP, "--input-shape", "4", "--max-batch"], 2, "--max-batch and --fits vary the batch size: give --batch-size"),
+    ([MLP, "--input-shape", "4", "--batch-size", "3", "--fits", "--device", "cpu"], 2, "--fits predicts a CUDA run"),
+    ([MLP, "--input-shape", "4", "--batch-size", "3", "--max-batch", "--device", "cpu"], 2, "needs --budget"),
+    ([MLP, "--input-shape", "3,4", "--samples-per-second", "9"], 2, "--samples-per-second goes with --dataset-size"),
+    ([MLP, "--input-shape", "3,4", "--compare", "fp32,fp8"], 2, "argument --compare: variant 'fp8' is unknown"),
+    ([MLP, "--input-shape", "3,4", "--checkpoint"], 2, "checkpoint='auto': Sequential has no repeated blocks"),
+    ([MLP, "--input-shape", "3,4", "--checkpoint", "9"], 2, "checkpoint="),
     (["tests/tiny_models.py:nope", "--input-shape", "3"], 1, "has no attribute 'nope'"),
     (["tests/missing.py:net", "--input-shape", "3"], 1, "no such file: tests/missing.py"),
     (["torch.nn:Linear", "--input-shape", "3"], 1, "building torch.nn:Linear failed: TypeError"),
@@ -253,3 +260,47 @@ def test_models_are_built_on_meta_where_the_factory_allows(tmp_path):
     built = build_model(f"{factory}:net")
     assert not built.on_meta and built.module.weight.shape == (2, 4)
     assert "cannot be built on the meta device" in built.note
+
+
+GPT = ["examples/models.py:tiny_gpt", "--model-kwargs", '{"vocab": 64, "dim": 16, "layers": 3, "heads": 2}']
+
+
+def test_questions_answered_as_the_python_api_answers_them(capsys, monkeypatch):
+    got = run_in_process(GPT + ["--seq-len", "8", "--batch-size", "2", "--optimizer", "sgd", "--max-batch",
+                                "--budget", "70 MiB", "--compare", "fp32,bf16+checkpoint", "--dataset-size", "1000"],
+                         capsys, monkeypatch)
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from models import tiny_gpt
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    with torch.device("meta"):
+        model = tiny_gpt(vocab=64, dim=16, layers=3, heads=2)
+    ids = torch.empty(2, 8, dtype=torch.long, device="meta")
+    inputs = {"input_ids": ids, "labels": ids}
+    largest = memtrace.max_batch_size(model, inputs=inputs, limit="70 MiB", optimizer="sgd")
+    assert got["max_batch"]["batch_size"] == largest.batch_size > 2
+    comparison = memtrace.compare(model, inputs=inputs, variants=["fp32", "bf16+checkpoint"], optimizer="sgd")
+    assert [row["peak_bytes"] for row in got["compare"]["rows"]] == [row.peak_bytes for row in comparison.rows]
+    assert got["epoch"]["iterations"] == 500  # ceil(1000 / 2)
+    assert "levers" not in got  # it fits
+
+
+def test_levers_when_it_does_not_fit(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    args = GPT + ["--seq-len", "8", "--batch-size", "64", "--budget", "65 MiB"]
+    assert main(args) == 3
+    text = capsys.readouterr().out
+    assert "Does not fit: predicted peak" in text and "Levers, each estimated" in text
+    assert main(args + ["--no-levers"]) == 3
+    assert "Levers" not in capsys.readouterr().out
+
+
+def test_checkpoint_plot_and_snapshot(tmp_path, capsys, monkeypatch):
+    import pickle
+
+    got = run_in_process(GPT + ["--seq-len", "8", "--checkpoint", "--plot", str(tmp_path / "step.png"),
+                                "--snapshot", str(tmp_path / "step.pickle")], capsys, monkeypatch)
+    assert got["settings"]["checkpoint"] == ["layers.0", "layers.1", "layers.2"]
+    assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "device_traces" in pickle.loads((tmp_path / "step.pickle").read_bytes())
