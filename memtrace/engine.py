@@ -213,9 +213,9 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
     phase_starts: list[tuple[Phase, int, int]] = []
     grad_records: dict[str, list[StorageRecord]] = {}
     state_records: dict[str, list[StorageRecord]] = {}
-    flops = FlopCounter(lambda: (tracker.where.phase, tracker.where.iteration))
+    flops = tracker.flops = FlopCounter()
 
-    with preserved_rng(), _quiet_fake_tensor_log(), fake_mode, flops, tracker:
+    with preserved_rng(), _quiet_fake_tensor_log(), fake_mode, tracker:
         tracker.where = ModuleCall(Phase.SETUP, 0, None, "(setup)")
         phase_starts.append((Phase.SETUP, 0, 0))
         fake_model = _fake_copy(model, options, tracker)

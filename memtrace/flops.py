@@ -7,7 +7,6 @@ decomposes ops it has no formula for, which would change the ops, and so the mem
 
 from __future__ import annotations
 
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
 
 import torch
@@ -19,20 +18,21 @@ _FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = sdpa_flo
 _FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = sdpa_backward_flop
 
 
-class FlopCounter(TorchDispatchMode):
-    """Sits below the storage tracker, so it sees the ops the target's rules chose; ``where()`` says which
-    (phase, iteration) an op belongs to."""
+_UNKNOWN = object()
 
-    def __init__(self, where):
-        super().__init__()
-        self.where = where
+
+class FlopCounter:
+    """Told by the storage tracker of every op of the first iteration, after the target's rules chose it
+    (one dispatch mode for both, not two). ``counts`` maps (phase, iteration) to FLOPs."""
+
+    def __init__(self):
         self.counts: dict[tuple, int] = {}
+        self._formula_of: dict = {}  # op overload -> its formula or None, looked up once
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = _FORMULAS.get(func._overloadpacket) if hasattr(func, "_overloadpacket") else None
+    def count(self, func, args, kwargs, out, phase) -> None:
+        formula = self._formula_of.get(func, _UNKNOWN)
+        if formula is _UNKNOWN:
+            formula = self._formula_of[func] = _FORMULAS.get(getattr(func, "_overloadpacket", None))
         if formula is not None:
-            key = self.where()
+            key = (phase, 0)
             self.counts[key] = self.counts.get(key, 0) + int(formula(*args, **kwargs, out_val=out))
-        return out

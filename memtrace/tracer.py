@@ -103,6 +103,7 @@ class StorageTracker(TorchDispatchMode):
         self.where = ModuleCall()
         self.module_stack: list[tuple[str, tuple]] = []  # (name, (type name, input shapes))
         self.last_op = None  # the op running when something fails, for the error message
+        self.flops = None  # a flops.FlopCounter, told of every op
         # storage key -> (weakref whose callback records the free, records of that storage)
         self._live: dict[int, tuple[weakref.ref, list[StorageRecord]]] = {}
         # backward attribution: autograd sequence numbers at which the innermost module changed
@@ -127,6 +128,8 @@ class StorageTracker(TorchDispatchMode):
         except DataDependentOutputException:
             out = self._assume(func, args)
         self.op_count += 1
+        if self.flops is not None and self.where.iteration == 0:  # later iterations repeat the first's FLOPs
+            self.flops.count(func, args, kwargs, out, self.where.phase)
         if self.recording:
             if isinstance(out, torch.Tensor):
                 self._see(out, func)
