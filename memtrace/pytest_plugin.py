@@ -320,7 +320,8 @@ def _marker_arguments(marker) -> tuple:
 
 
 def run_marked_body(manager: MemtraceManager, item, marker) -> None:
-    from .engine import TraceError, trace_callable
+    from .body import trace_callable
+    from .engine import TraceError
     from .options import DEVICES, Options
     from .gpus import DEFAULT_GPU, lookup
     from .report import build_callable_report

@@ -332,7 +332,7 @@ def _layer_rows(trace: Trace, charged: dict[int, int]) -> tuple[LayerRow, ...]:
 
 
 def build_callable_report(name: str, options: Options, trace: Trace, session) -> Report:
-    """The report of a traced callable (``engine.trace_callable``). The call built its own model, optimizer
+    """The report of a traced callable (``body.trace_callable``). The call built its own model, optimizer
     and inputs, so the settings say so, and the parameter counts are those the call had alive at once."""
     from dataclasses import replace
 

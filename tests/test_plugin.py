@@ -41,7 +41,7 @@ def _imports_outlive_inner_sessions():
     """pytester removes the modules an in-process inner session imported; torch registers operator
     libraries when some of its modules are first imported and refuses to register them twice, so the
     imports that tracing makes lazily are made here, before any inner session starts."""
-    from memtrace.engine import trace_callable
+    from memtrace.body import trace_callable
     from memtrace.options import Options
 
     memtrace.report(torch.nn.Linear(2, 2), (1, 2))
@@ -273,7 +273,7 @@ def test_value():
 def test_traced_body_matches_report_of_the_same_loop(device):
     # the loop memtrace.report runs, written out as a test body would (on a GPU): the same prediction, byte
     # for byte, category for category
-    from memtrace.engine import trace_callable
+    from memtrace.body import trace_callable
     from memtrace.gpus import DEFAULT_GPU
     from memtrace.options import Options
     from memtrace.report import build_callable_report
