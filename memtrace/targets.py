@@ -167,6 +167,37 @@ def _attention_as_on_cuda(target, func, args, kwargs):
     return func(*args, **kwargs)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@CUDA_RULES.op(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+def _flash_backward_scratch(tracker, func, args, kwargs):
+    # aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp, mha_bwd: after dq, dk, dv it allocates
+    # float32 softmax_d [B, H, round128(Lq)] and dq_accum [B, round128(Lq), H, round(D, 32 up to 128, else
+    # 64)], and for grouped key/value heads dk and dv expanded to every query head [B, Lk, H, D], summed into
+    # dk and dv at the end. The expanded ones and dq_accum die when mha_bwd returns, softmax_d (returned
+    # to _flash_attention_backward, which drops it) right after.
+    out = func(*args, **kwargs)
+    q, k = args[1], args[2]
+    batch, heads, lq, d = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
+    f32 = 4
+    softmax_d = tracker.allocate_scratch(batch * heads * _round_up(lq, 128) * f32,
+                                         "flash attention backward: float32 softmax_d")
+    d_rounded = _round_up(d, 32 if d <= 128 else 64)
+    frees = [tracker.allocate_scratch(batch * _round_up(lq, 128) * heads * d_rounded * f32,
+                                      "flash attention backward: float32 dq accumulator")]
+    if kv_heads != heads:
+        for name in ("dk", "dv"):
+            frees.append(tracker.allocate_scratch(batch * lk * heads * d * q.element_size(),
+                                                  f"flash attention backward: {name} for every query head"))
+    for free in reversed(frees):
+        free()
+    softmax_d()
+    return out
+
+
 _GEMMS = [getattr(torch.ops.aten, name).default for name in (
     "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "_addmm_activation")]
 
@@ -236,8 +267,8 @@ def target_for(device: str, gpu: GPU | None = None) -> Target:
         notes=(
             f"CUDA target ({gpu.name}, {gpu.sm}): caching-allocator rounding and block reuse, foreach "
             "optimizers, host-side step counters, fused dropout masks, CUDA's autocast lists, the flash / "
-            "memory-efficient attention choice and cuBLAS workspaces (one per thread: the autograd thread's is "
-            "unverified) are modelled; cuDNN convolution workspaces and the flash backward's float32 "
-            "accumulators are not yet.",
+            "memory-efficient attention choice, the flash backward's float32 accumulators and cuBLAS workspaces "
+            "(one per thread: the autograd thread's is unverified) are modelled; cuDNN convolution workspaces "
+            "and the memory-efficient attention backward's scratch are not yet.",
         ),
     )

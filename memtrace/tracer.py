@@ -215,6 +215,19 @@ class StorageTracker(TorchDispatchMode):
         self._persistent.add(key)
         self._alloc([], nbytes, label, birth=category)
 
+    def allocate_scratch(self, nbytes: int, label: str):
+        """An allocation no tensor shows that an op makes and frees inside its kernel (a library's scratch
+        buffer), as a temporary of the running op; returns the function that frees it."""
+        group: list[StorageRecord] = []
+        self._alloc(group, nbytes, label, birth=Category.TEMPORARY)
+
+        def free() -> None:
+            rec = group[0]
+            rec.free_event = len(self.events)
+            self.events.append((rec.index, False))
+            self.event_ops.append(self.op_count)
+        return free
+
     def _freed_callback(self, key):
         def freed(_ref):
             _, group = self._live.pop(key, (None, ()))

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import memtrace
-from memtrace import Category
+from memtrace import Category, Phase
 from memtrace.targets import cuda_sdp_backend
 
 from tiny_models import make_mlp
@@ -226,3 +226,46 @@ def test_gpu_decides_the_attention_kernel():
     assert allocations_of(r, "aten._scaled_dot_product_efficient_attention.default")
     r = memtrace.report(model, (2, 256, 256), dtype=torch.float16, optimizer="sgd", gpu="H100", steps=1)
     assert allocations_of(r, "aten._scaled_dot_product_flash_attention_for_cpu.default")
+
+
+class GroupedAttention(nn.Module):
+    """8 query heads over 2 key/value heads of dim 64, on a [B, L, 512] input."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(512, 512, bias=False)
+        self.kv = nn.Linear(512, 2 * 128, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 8, 64).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, 2, 64).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2).flatten(2)
+
+
+def scratch(r, label):
+    return [a for a in r.allocations if a.op == f"flash attention backward: {label}"]
+
+
+def test_flash_backward_allocates_its_float32_accumulators():
+    # B=2, H=4, L=200 (rounded up to 256), D=64: softmax_d 2*4*256 floats, dq_accum 2*256*4*64 floats
+    model = Attention(4, 64)
+    r = memtrace.report(model, (2, 200, 256), dtype=torch.bfloat16, optimizer="sgd", steps=1)
+    (softmax_d,) = scratch(r, "float32 softmax_d")
+    (dq_accum,) = scratch(r, "float32 dq accumulator")
+    assert softmax_d.requested_bytes == 2 * 4 * 256 * 4 and dq_accum.requested_bytes == 2 * 256 * 4 * 64 * 4
+    for a in (softmax_d, dq_accum):
+        assert a.phase is Phase.BACKWARD and a.category is Category.TEMPORARY
+        assert a.free_event is not None and a.free_event - a.alloc_event <= 4  # freed inside the op
+    assert not scratch(r, "dk for every query head")  # the heads are not grouped
+
+
+def test_flash_backward_expands_grouped_key_value_gradients():
+    # dk and dv for all 8 query heads: B*L*H*D = 2*128*8*64 bf16 each, then summed into the 2 kv heads
+    r = memtrace.report(GroupedAttention(), (2, 128, 512), dtype=torch.bfloat16, optimizer="sgd", steps=1)
+    assert [a.requested_bytes for a in scratch(r, "dk for every query head")] == [2 * 128 * 8 * 64 * 2]
+    assert [a.requested_bytes for a in scratch(r, "dv for every query head")] == [2 * 128 * 8 * 64 * 2]
+    assert [a.requested_bytes for a in scratch(r, "float32 dq accumulator")] == [2 * 128 * 8 * 64 * 4]
+    cpu = memtrace.report(GroupedAttention(), (2, 128, 512), dtype=torch.bfloat16, optimizer="sgd", steps=1,
+                          device="cpu")
+    assert not scratch(cpu, "float32 softmax_d")
