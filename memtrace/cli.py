@@ -7,6 +7,7 @@ Exit status: 0 success, 1 the model failed to build or trace, 2 a usage error, 3
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -309,11 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args, parser) -> int:
-    import memtrace
-
-    from .gpus import DEFAULT_GPU, lookup, present
     from .loading import ModelSpecError, build_model
-    from .units import format_bytes
 
     if args.device == "cpu" and args.gpu is not None:
         raise UsageError("--gpu names the card of a --device cuda run")
@@ -336,6 +333,25 @@ def _run(args, parser) -> int:
         raise UsageError(str(exc)) from None
     if built.note:
         print(f"memtrace: note: {built.note}", file=sys.stderr)
+    with _quiet_library(built):
+        return _predict(args, built)
+
+
+def _quiet_library(built):
+    """Hugging Face models log warnings while traced (e.g. that checkpointing turns their cache off)."""
+    if built.task is None:
+        return contextlib.nullcontext()
+    from .loading import quiet_transformers
+
+    return quiet_transformers()
+
+
+def _predict(args, built) -> int:
+    import memtrace
+
+    from .gpus import DEFAULT_GPU, lookup, present
+    from .units import format_bytes
+
     inputs = _inputs(args, built)
     options = dict(optimizer=None if args.optimizer == "none" else args.optimizer,
                    optimizer_kwargs=args.optimizer_kwargs, amp=False if args.amp == "off" else args.amp,

@@ -196,7 +196,7 @@ def _names(values) -> set[str]:
 def _build_hf(spec: str, make_config, overrides: dict[str, Any], task: str | None) -> BuiltModel:
     transformers = _transformers()
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             config = make_config(**overrides)
     except Exception as exc:
         raise ModelBuildError(f"{spec}: bad configuration: {type(exc).__name__}: {_first_line(exc)}") from exc
@@ -204,7 +204,7 @@ def _build_hf(spec: str, make_config, overrides: dict[str, Any], task: str | Non
     auto = getattr(transformers, TASKS[task])
 
     def build():
-        with _quiet_transformers():
+        with quiet_transformers():
             try:
                 return auto.from_config(config)
             except ValueError as exc:  # the family has no such head
@@ -214,7 +214,7 @@ def _build_hf(spec: str, make_config, overrides: dict[str, Any], task: str | Non
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
