@@ -290,10 +290,12 @@ def test_levers_when_it_does_not_fit(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     args = GPT + ["--seq-len", "8", "--batch-size", "64", "--budget", "65 MiB"]
     assert main(args) == 3
-    text = capsys.readouterr().out
-    assert "Does not fit: predicted peak" in text and "Levers, each estimated" in text
+    out, err = capsys.readouterr()
+    assert "Does not fit: predicted peak" in out and "Levers, each estimated" in out
+    assert "estimating the levers" in err
     assert main(args + ["--no-levers"]) == 3
-    assert "Levers" not in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "Levers" not in out and "estimating the levers" not in err
 
 
 def test_checkpoint_plot_and_snapshot(tmp_path, capsys, monkeypatch):
