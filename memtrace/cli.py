@@ -407,8 +407,9 @@ def _answers(args, model, inputs, options, report, gpu) -> dict[str, Any]:
                                                samples_per_second=args.samples_per_second)
     limit = args.budget if args.budget is not None else (gpu.usable_bytes() if gpu is not None else None)
     if limit is not None and report.peak_bytes > limit and not args.no_levers and not args.inference:
-        print("memtrace: the step does not fit; estimating the levers that would bring it under (one estimate "
-              "each; --no-levers skips them)", file=sys.stderr)
+        if sys.stderr.isatty():  # someone is waiting; scripts keep --budget's one line
+            print("memtrace: the step does not fit; estimating the levers that would bring it under (one "
+                  "estimate each; --no-levers skips them)", file=sys.stderr)
         answers["levers"] = memtrace.levers(model, **inputs, limit=args.budget, **card, **options)
     return answers
 
