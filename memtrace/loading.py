@@ -63,10 +63,25 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, task: str | Non
         raise ModelSpecError(
             f"cannot read MODEL {spec!r}: write package.module:factory, path/to/file.py:factory, "
             "hf:ConfigClass (e.g. hf:LlamaConfig) or the path of a config.json or model directory")
-    factory = _resolve(_import_target(target), name, spec)
-    if not callable(factory):
-        raise ModelBuildError(f"{spec} is a {type(factory).__name__}, not a callable that returns an nn.Module")
-    return _call_on_meta(lambda: factory(**kwargs), spec, task=None)
+    with _neighbours_importable(target):  # while the file is imported and its factory runs
+        factory = _resolve(_import_target(target), name, spec)
+        if not callable(factory):
+            raise ModelBuildError(f"{spec} is a {type(factory).__name__}, not a callable that returns an nn.Module")
+        return _call_on_meta(lambda: factory(**kwargs), spec, task=None)
+
+
+@contextlib.contextmanager
+def _neighbours_importable(target: str):
+    """A factory file may import the modules beside it, at import time or when called."""
+    if not target.endswith(".py"):
+        yield
+        return
+    folder = str(Path(target).resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
 
 
 def _import_target(target: str):
@@ -77,13 +92,10 @@ def _import_target(target: str):
         name = f"memtrace_user_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(module_spec)
-        sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:
             raise ModelBuildError(f"importing {target} failed: {type(exc).__name__}: {_first_line(exc)}") from exc
-        finally:
-            sys.path.remove(str(path.resolve().parent))
         return module
     try:
         return importlib.import_module(target)

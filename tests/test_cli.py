@@ -305,3 +305,13 @@ def test_checkpoint_plot_and_snapshot(tmp_path, capsys, monkeypatch):
     assert got["settings"]["checkpoint"] == ["layers.0", "layers.1", "layers.2"]
     assert (tmp_path / "step.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "device_traces" in pickle.loads((tmp_path / "step.pickle").read_bytes())
+
+
+def test_a_factory_file_imports_its_neighbours(tmp_path):
+    (tmp_path / "neighbour_blocks.py").write_text("import torch\ndef block():\n    return torch.nn.Linear(6, 2)\n")
+    (tmp_path / "net.py").write_text("def net():\n"
+                                     "    import neighbour_blocks  # imported when called, not at import\n"
+                                     "    return neighbour_blocks.block()\n")
+    built = build_model(f"{tmp_path / 'net.py'}:net")
+    assert built.module.in_features == 6
+    assert str(tmp_path) not in sys.path
