@@ -181,9 +181,16 @@ def _cuda_policies() -> dict[str, str]:
 
 @contextlib.contextmanager
 def cuda_autocast():
-    """While open, CPU autocast behaves as CUDA autocast. Yields a callable that drops the weight cache,
-    to be called where the outermost autocast region exits."""
+    """While open, CPU autocast behaves as CUDA autocast. Its weight cache is dropped where PyTorch drops
+    its own: ``torch.autocast.__exit__`` calls ``torch.clear_autocast_cache()`` when the outermost region
+    exits, the step's own or one that activation checkpointing enters to recompute a block."""
     state = _Policy()
+    clear_torch_cache = torch.clear_autocast_cache
+
+    def clear_both() -> None:
+        state.clear()
+        clear_torch_cache()
+
     lib = torch.library.Library("aten", "IMPL")
     cpu_listed = {name.removeprefix("aten::") for name in torch._C._dispatch_get_registrations_for_dispatch_key(_KEY)
                   if name.startswith("aten::")}  # other libraries' (torchvision's) register CUDA's alike
@@ -197,9 +204,11 @@ def cuda_autocast():
             cpu_listed.discard(name)
         for name in cpu_listed:  # CPU has a rule for it and CUDA has none: let it through
             lib.impl(name, torch.library.fallthrough_kernel, _KEY)
+    torch.clear_autocast_cache = clear_both
     try:
-        yield state.clear
+        yield
     finally:
+        torch.clear_autocast_cache = clear_torch_cache
         state.clear()
         if hasattr(lib, "_destroy"):
             lib._destroy()

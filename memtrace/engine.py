@@ -268,8 +268,8 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
         try:
             rules = FunctionRules(target) if target.rules.functions else contextlib.nullcontext()
             amp = target.autocast() if options.amp_dtype is not None else contextlib.nullcontext()
-            with rules, amp as clear_cast_cache, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                run_steps(fake_model, options, new_inputs, optimizer, scaler, "cpu", on_phase, clear_cast_cache)
+            with rules, amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                run_steps(fake_model, options, new_inputs, optimizer, scaler, "cpu", on_phase)
         except Exception as exc:
             raise _explain(exc, tracker) from exc
         finally:

@@ -69,17 +69,10 @@ def build_optimizer(options: Options, params: list[torch.nn.Parameter], adjust=N
     return opt
 
 
-@contextlib.contextmanager
-def autocast(options: Options, device_type: str, on_exit: Callable[[], None] | None = None):
+def autocast(options: Options, device_type: str):
     if options.amp_dtype is None:
-        yield
-        return
-    try:
-        with torch.autocast(device_type, dtype=options.amp_dtype):
-            yield
-    finally:
-        if on_exit is not None:  # the region's weight-cast cache dies with it
-            on_exit()
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=options.amp_dtype)
 
 
 def run_steps(
@@ -90,7 +83,6 @@ def run_steps(
     scaler: Any,
     autocast_device: str,
     on_phase: Callable[[Phase, int], None] = lambda phase, it: None,
-    on_autocast_exit: Callable[[], None] | None = None,
 ) -> None:
     """``options.steps`` iterations of forward, loss, backward, optimizer step and zero_grad."""
     loss_fn = options.loss_fn or default_loss
@@ -99,7 +91,7 @@ def run_steps(
     for it in range(options.steps):
         on_phase(Phase.FORWARD, it)
         args, kwargs, batch = new_inputs()
-        with grad_ctx(), autocast(options, autocast_device, on_autocast_exit):
+        with grad_ctx(), autocast(options, autocast_device):
             out = model(*args, **kwargs)
             if not options.train:
                 continue

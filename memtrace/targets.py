@@ -246,8 +246,7 @@ class Target:
     allocator: object
     gpu: GPU | None = None
     notes: tuple[str, ...] = field(default=())
-    # the autocast lists an AMP step is traced with: a context manager yielding the callable that drops
-    # the weight-cast cache where the step's autocast region exits (None: CPU autocast as it is)
+    # the autocast lists an AMP step is traced with, as a context manager (by default CPU autocast's own)
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 

@@ -106,3 +106,25 @@ def test_cpu_autocast_is_left_as_it_was():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert F.layer_norm(x, (32,)).dtype == torch.bfloat16
         assert F.cross_entropy(x, torch.zeros(4, dtype=torch.long)).dtype == torch.float32
+
+
+class Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(256, 256), nn.ReLU()) for _ in range(4))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_casts_made_while_checkpointing_recomputes_die_in_backward():
+    # The recomputation enters autocast again; its exit drops the weight copies (256*256 fp16) it cast,
+    # once the block's backward no longer holds them, within the same backward.
+    r = memtrace.report(Blocks(), (8, 256), amp="fp16", optimizer="sgd", checkpoint="auto", steps=1)
+    backward = next(p for p in r.timeline.phases if p.phase is Phase.BACKWARD)
+    recast = [a for a in r.allocations if a.op == "aten._to_copy.default" and a.requested_bytes == 256 * 256 * 2
+              and a.phase is Phase.BACKWARD]
+    assert len(recast) == 4
+    assert all(backward.start_event <= a.free_event < backward.end_event for a in recast)
