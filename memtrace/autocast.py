@@ -7,7 +7,8 @@ float32 copy. ``cuda_autocast()`` replaces, for the duration of a trace, every C
 that applies CUDA's policy for that op (or lets the op through, where CUDA has no rule for it), with the
 weight-cast cache as CUDA keeps it. The lists are those of aten/src/ATen/autocast_mode.h (torch 2.14) and
 the registrations in autocast_mode.cpp ``TORCH_LIBRARY_IMPL(aten, AutocastCUDA, m)``; ops the running
-torch does not have are skipped.
+torch does not have are skipped. The replacement is process-wide while a trace runs: another thread using
+CPU autocast at that moment would get CUDA's lists too.
 """
 
 from __future__ import annotations
