@@ -71,6 +71,27 @@ def _eligible(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
 
 
+def _lower_dtype() -> torch.dtype:
+    """CPU autocast's low-precision dtype, whether or not a region is open (inside a kernel the autocast
+    key is excluded, which reads as disabled)."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype("cpu")
+    return torch.get_autocast_cpu_dtype()
+
+
+def autocast_dtype() -> torch.dtype | None:
+    """The low-precision dtype of the autocast region the traced step is in (AMP is traced under CPU
+    autocast), or None outside one."""
+    enabled = torch.is_autocast_enabled("cpu") if hasattr(torch, "get_autocast_dtype") else \
+        torch.is_autocast_cpu_enabled()
+    return _lower_dtype() if enabled else None
+
+
+def cast(value, dtype: torch.dtype):
+    """autocast's cast of one argument outside the weight cache: eligible tensors to ``dtype``."""
+    return value.to(dtype) if _eligible(value) and value.dtype != dtype else value
+
+
 class _Policy:
     """Casts as autocast_mode.h's cached_cast does, with its weight cache: the low-precision copy of an
     fp32 leaf that requires grad is kept until the outermost autocast region exits."""
@@ -81,18 +102,15 @@ class _Policy:
     def cast(self, value, dtype: torch.dtype):
         if isinstance(value, (list, tuple)):
             return type(value)(self.cast(v, dtype) for v in value)
-        if not _eligible(value) or value.dtype == dtype:
-            return value
-        lower = torch.get_autocast_dtype("cpu") if hasattr(torch, "get_autocast_dtype") else torch.get_autocast_cpu_dtype()
-        if (dtype == lower and value.dtype == torch.float32 and value.requires_grad and value.is_leaf
-                and not value._is_view() and torch.is_autocast_cache_enabled()):
+        if (_eligible(value) and value.dtype == torch.float32 and dtype == _lower_dtype() and value.requires_grad
+                and value.is_leaf and not value._is_view() and torch.is_autocast_cache_enabled()):
             hit = self.cache.get(id(value))
             if hit is not None and hit[0]() is value:
                 return hit[1]
             out = value.to(dtype)
             self.cache[id(value)] = (weakref.ref(value), out)
             return out
-        return value.to(dtype)
+        return cast(value, dtype)
 
     def cast_call(self, args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
         """Cast every argument, last first: the wrappers cast their C++ arguments in one call expression,
@@ -113,7 +131,7 @@ def _kernel(op, policy: str, state: _Policy):
         if policy == "fp32_append_dtype" else None
 
     def lower(*args, **kwargs):
-        dtype = torch.get_autocast_dtype("cpu") if hasattr(torch, "get_autocast_dtype") else torch.get_autocast_cpu_dtype()
+        dtype = _lower_dtype()
         with torch._C._ExcludeDispatchKeyGuard(_EXCLUDE):
             args, kwargs = state.cast_call(args, kwargs, dtype)
             return op(*args, **kwargs)

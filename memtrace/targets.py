@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .allocator import CudaCachingAllocator, ExactAllocator
-from .autocast import cuda_autocast
+from .autocast import autocast_dtype, cast, cuda_autocast
 from .gpus import DEFAULT_GPU, GPU, lookup
 from .options import Category, Phase
 
@@ -116,22 +116,6 @@ def cuda_sdp_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa=False,
     return "math"
 
 
-def _autocast_dtype() -> torch.dtype | None:
-    """The low-precision dtype of the autocast region the traced step is in (AMP is traced under CPU
-    autocast), or None outside one."""
-    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
-        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-
-
-def _autocast(t):
-    """What autocast's lower_precision_fp policy passes on: floating tensors except float64 cast."""
-    dtype = _autocast_dtype()
-    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (dtype, torch.float64):
-        return t.to(dtype)
-    return t
-
-
 @CUDA_RULES.function(F.scaled_dot_product_attention)
 def _attention_as_on_cuda(target, func, args, kwargs):
     # A fake CPU run asks the CPU's backend choice (flash for CPU without dropout, math with it); a GPU
@@ -140,11 +124,12 @@ def _attention_as_on_cuda(target, func, args, kwargs):
     a = _arguments(_sdpa_signature, args, kwargs)
     q, k, v, mask, dropout_p = a["query"], a["key"], a["value"], a["attn_mask"], a["dropout_p"]
     is_causal, scale, gqa = a["is_causal"], a["scale"], a["enable_gqa"]
-    if _autocast_dtype() is not None:
+    low = autocast_dtype()
+    if low is not None:
         # Under AMP, CUDA autocast runs attention in low precision (autocast_mode.cpp: KERNEL_CUDA(
         # scaled_dot_product_attention, lower_precision_fp)), so the backend sees half inputs even when
         # the caller's are float32 (e.g. after rotary embeddings); this rule runs above autocast.
-        q, k, v, mask = (_autocast(t) for t in (q, k, v, mask))
+        q, k, v, mask = (cast(t, low) for t in (q, k, v, mask))
     backend = cuda_sdp_backend(q, k, v, mask, dropout_p, is_causal, gqa, target.gpu.capability)
     if backend == "flash":
         # the CPU flash kernel saves what CUDA's does: the output and logsumexp [B, H, L] in float32; like
