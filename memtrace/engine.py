@@ -51,7 +51,7 @@ class Trace:
     param_owner: dict[str, str]
     assumptions: list
     op_count: int
-    flops: dict = field(default_factory=dict)  # (phase, iteration) -> FLOPs of matmuls, convolutions, attention
+    flops: dict = field(default_factory=dict)  # phase -> first iteration's FLOPs (matmuls, convolutions, attention)
 
 
 @contextlib.contextmanager

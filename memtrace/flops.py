@@ -23,10 +23,10 @@ _UNKNOWN = object()
 
 class FlopCounter:
     """Told by the storage tracker of every op of the first iteration, after the target's rules chose it
-    (one dispatch mode for both, not two). ``counts`` maps (phase, iteration) to FLOPs."""
+    (one dispatch mode for both, not two). ``counts`` maps each phase to its FLOPs."""
 
     def __init__(self):
-        self.counts: dict[tuple, int] = {}
+        self.counts: dict = {}  # Phase -> FLOPs
         self._formula_of: dict = {}  # op overload -> its formula or None, looked up once
 
     def count(self, func, args, kwargs, out, phase) -> None:
@@ -34,5 +34,4 @@ class FlopCounter:
         if formula is _UNKNOWN:
             formula = self._formula_of[func] = _FORMULAS.get(getattr(func, "_overloadpacket", None))
         if formula is not None:
-            key = (phase, 0)
-            self.counts[key] = self.counts.get(key, 0) + int(formula(*args, **kwargs, out_val=out))
+            self.counts[phase] = self.counts.get(phase, 0) + int(formula(*args, **kwargs, out_val=out))

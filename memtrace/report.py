@@ -276,7 +276,7 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
         traced_ops=trace.op_count,
         assumptions=assumptions,
         notes=trace.target.notes,
-        flops=MappingProxyType({phase: n for (phase, it), n in trace.flops.items() if it == 0}),
+        flops=MappingProxyType(dict(trace.flops)),
     )
 
 

@@ -221,12 +221,12 @@ class StorageTracker(TorchDispatchMode):
         group: list[StorageRecord] = []
         self._alloc(group, nbytes, label, birth=Category.TEMPORARY)
 
-        def free() -> None:
-            rec = group[0]
-            rec.free_event = len(self.events)
-            self.events.append((rec.index, False))
-            self.event_ops.append(self.op_count)
-        return free
+        return lambda: self._free(group[0])
+
+    def _free(self, rec: StorageRecord) -> None:
+        rec.free_event = len(self.events)
+        self.events.append((rec.index, False))
+        self.event_ops.append(self.op_count)
 
     def _freed_callback(self, key):
         def freed(_ref):
@@ -234,9 +234,7 @@ class StorageTracker(TorchDispatchMode):
             if not self.recording:
                 return
             for rec in group:
-                rec.free_event = len(self.events)
-                self.events.append((rec.index, False))
-                self.event_ops.append(self.op_count)
+                self._free(rec)
         return freed
 
     # ---- where we are ------------------------------------------------------------------------
