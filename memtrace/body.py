@@ -4,7 +4,6 @@ it builds its own model, optimizer and tensors under the same fake-tensor tracin
 
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import torch
@@ -279,7 +278,7 @@ def trace_callable(fn, options: Options) -> tuple[Trace, _BodySession]:
                 optimizer_hooks.register_optimizer_step_pre_hook(session.before_step),
                 optimizer_hooks.register_optimizer_step_post_hook(session.after_step),
             ]
-            rules = FunctionRules(target) if target.rules.functions else contextlib.nullcontext()
+            rules = FunctionRules.for_target(target, tracker.note)
             with fake_mode, tracker, rules, _BodyMode(session), torch.autograd.graph.saved_tensors_hooks(
                     lambda t: (tracker.mark_saved(t), t)[1], lambda t: t):
                 try:

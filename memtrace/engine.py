@@ -52,6 +52,7 @@ class Trace:
     assumptions: list
     op_count: int
     flops: dict = field(default_factory=dict)  # phase -> first iteration's FLOPs (matmuls, convolutions, attention)
+    notes: tuple[str, ...] = ()  # what the target's rules say the prediction leaves out for this model
 
 
 @contextlib.contextmanager
@@ -134,7 +135,7 @@ def _checkpoint_modules(model: torch.nn.Module, names: tuple[str, ...], tracker:
                 tracker.mark_saved(t)
                 return inner_pack(t)
 
-            rules = FunctionRules(target) if target.rules.functions else contextlib.nullcontext()
+            rules = FunctionRules.for_target(target, tracker.note)
             with rules, torch.autograd.graph.saved_tensors_hooks(pack, inner_unpack):
                 return forward(*args, **kwargs)
 
@@ -266,7 +267,7 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
             return t
 
         try:
-            rules = FunctionRules(target) if target.rules.functions else contextlib.nullcontext()
+            rules = FunctionRules.for_target(target, tracker.note)
             amp = target.autocast() if options.amp_dtype is not None else contextlib.nullcontext()
             with rules, amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 run_steps(fake_model, options, new_inputs, optimizer, scaler, "cpu", on_phase)
@@ -284,6 +285,7 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
         phase_starts=phase_starts, modules=infos, param_records=param_records, grad_records=grad_records,
         state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()},
         assumptions=tracker.assumptions, op_count=tracker.op_count, flops=flops.counts,
+        notes=tuple(tracker.notes),
     )
 
 

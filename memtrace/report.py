@@ -275,7 +275,7 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
         reserved_peak_bytes=charges.reserved_peak_bytes if trace.target.name == "cuda" else None,
         traced_ops=trace.op_count,
         assumptions=assumptions,
-        notes=trace.target.notes,
+        notes=trace.target.notes + trace.notes,
         flops=MappingProxyType(dict(trace.flops)),
     )
 

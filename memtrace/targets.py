@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from .allocator import CudaCachingAllocator, ExactAllocator
 from .autocast import autocast_dtype, cast, cuda_autocast
+from .cutlass_attention import efficient_backward_scratch, efficient_forward_accumulator_bytes
 from .gpus import DEFAULT_GPU, GPU, lookup
 from .options import Category, Phase
 
@@ -34,12 +35,17 @@ class RuleSet:
         self.name = name
         self.ops: dict = {}
         self.functions: dict = {}
+        self.function_notes: dict = {}  # torch function -> what the prediction leaves out where it runs
 
     def op(self, *overloads):
         return self._register(self.ops, overloads)
 
     def function(self, *funcs):
         return self._register(self.functions, funcs)
+
+    def note_on(self, text: str, *funcs) -> None:
+        """Says ``text`` in the report of any step that calls one of ``funcs``."""
+        self._register(self.function_notes, funcs)(text)
 
     def _register(self, table: dict, keys):
         def register(handler):
@@ -52,14 +58,25 @@ class RuleSet:
 
 
 class FunctionRules(TorchFunctionMode):
-    """Applies a RuleSet's torch-function rules while the step is traced."""
+    """Applies a RuleSet's torch-function rules while the step is traced, and hands its notes to
+    ``note``."""
 
-    def __init__(self, target: Target):
+    def __init__(self, target: Target, note: Callable[[str], None]):
         super().__init__()
         self.target = target
         self.table = target.rules.functions
+        self.notes = target.rules.function_notes
+        self.note = note
+
+    @staticmethod
+    def for_target(target: Target, note: Callable[[str], None]):
+        rules = target.rules
+        return FunctionRules(target, note) if rules.functions or rules.function_notes else contextlib.nullcontext()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        text = self.notes.get(func)
+        if text is not None:
+            self.note(text)
         handler = self.table.get(func)
         if handler is None:
             return func(*args, **(kwargs or {}))
@@ -110,8 +127,9 @@ def cuda_sdp_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa=False,
             and not (is_causal and q.shape[2] != k.shape[2])):
         return "flash"
     alignment = 8 if half else 4  # 16-byte aligned rows
-    if (q.dtype in (torch.float32, torch.float16, torch.bfloat16) and same_heads
-            and head_dim % alignment == 0 and v.shape[-1] % alignment == 0 and capability >= (5, 0)):
+    dtypes = (torch.float32, torch.float16, torch.bfloat16) if capability >= (8, 0) else (torch.float32, torch.float16)
+    if (q.dtype in dtypes and same_heads and head_dim % alignment == 0 and v.shape[-1] % alignment == 0
+            and capability >= (5, 0)):
         return "efficient"
     return "math"
 
@@ -140,6 +158,11 @@ def _attention_as_on_cuda(target, func, args, kwargs):
         if mask is not None:
             if mask.dtype == torch.bool:  # attention.cpp, convert_boolean_attn_mask: a float bias is made
                 mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(mask.logical_not(), float("-inf"))
+            # attention.cpp, preprocess_mask: a bias whose rows are not 8-element aligned is copied into a
+            # padded one (pad_bias) before it is expanded to [B, H, L, S]
+            if mask.stride(-1) != 1 or any(s % 8 for s in mask.stride()[:-1]):
+                last = mask.shape[-1]
+                mask = F.pad(mask, (0, 8 - last % 8))[..., :last]
             mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         needs_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         return torch.ops.aten._scaled_dot_product_efficient_attention(
@@ -162,8 +185,11 @@ def _flash_backward_scratch(tracker, func, args, kwargs):
     # float32 softmax_d [B, H, round128(Lq)] and dq_accum [B, round128(Lq), H, round(D, 32 up to 128, else
     # 64)], and for grouped key/value heads dk and dv expanded to every query head [B, Lk, H, D], summed into
     # dk and dv at the end. The expanded ones and dq_accum die when mha_bwd returns, softmax_d (returned
-    # to _flash_attention_backward, which drops it) right after.
+    # to _flash_attention_backward, which drops it) right after. Before all that, _flash_attention_backward
+    # makes [B, L, H, D] contiguous copies of grad_out and out where they are not, kept until it returns.
+    copies = _contiguous_copies(tracker, "flash attention backward: ", grad_out=args[0], out=args[4])
     out = func(*args, **kwargs)
+    tracker.record_outputs(out, func)
     q, k = args[1], args[2]
     batch, heads, lq, d = q.shape
     kv_heads, lk = k.shape[1], k.shape[2]
@@ -180,7 +206,82 @@ def _flash_backward_scratch(tracker, func, args, kwargs):
     for free in reversed(frees):
         free()
     softmax_d()
+    for free in reversed(copies):
+        free()
     return out
+
+
+def _contiguous_copies(tracker, label: str, **tensors) -> list:
+    # the fused attention backward kernels take [B, L, H, D] views (transpose(1, 2) of what autograd
+    # passes) and copy any that is not contiguous
+    return [tracker.allocate_scratch(t.numel() * t.element_size(), f"{label}contiguous {name}")
+            for name, t in tensors.items() if not t.transpose(1, 2).is_contiguous()]
+
+
+@CUDA_RULES.op(torch.ops.aten._scaled_dot_product_efficient_attention.default)
+def _efficient_forward_scratch(tracker, func, args, kwargs):
+    # attention.cu, _efficient_attention_forward: kernels for head dims over 128 accumulate the output in
+    # a float32 [B, M, H, Kv] buffer when it is half, freed when the op returns
+    q, v = args[0], args[2]
+    batch, heads, m, k = q.shape
+    out = func(*args, **kwargs)
+    # its philox seed and offset are CPU tensors (Note [Seed and Offset Device]) outside CUDA graphs
+    for host in out[2:4]:
+        tracker.in_host_memory(host)
+    tracker.record_outputs(out, func)
+    accumulator = efficient_forward_accumulator_bytes(q.dtype, batch, heads, m, k, v.shape[-1])
+    if accumulator:
+        tracker.allocate_scratch(accumulator, "memory-efficient attention: float32 output accumulator")()
+    return out
+
+
+@CUDA_RULES.op(torch.ops.aten._scaled_dot_product_efficient_attention_backward.default)
+def _efficient_backward_scratch(tracker, func, args, kwargs):
+    # attention_backward.cu, _efficient_attention_backward (through _scaled_dot_product_efficient_attention_
+    # backward_cuda, which hands it [B, M, H, K] views): a contiguous copy of grad_out unless it already is
+    # one, then the gradients, a float32 delta [B, H, M] (computed with tensor ops, through a [B, M, H, Kv]
+    # float32 product, for float32 kernels) and the kernel's workspace; delta dies when the kernel has run,
+    # the workspace and the copy when the op returns. Sizes: memtrace/cutlass_attention.py.
+    grad_out, q, k, v = args[0], args[1], args[2], args[3]
+    dropout_p = args[9] if len(args) > 9 else kwargs.get("dropout_p", 0.0)
+    batch, heads, m, head_dim = q.shape
+    n, head_dim_v = k.shape[2], v.shape[-1]
+    label = "memory-efficient attention backward: "
+    frees = _contiguous_copies(tracker, label, grad_out=grad_out)
+    out = func(*args, **kwargs)
+    tracker.record_outputs(out, func)
+    scratch = efficient_backward_scratch(q.dtype, tracker.target.gpu.capability, batch, heads, m, n, head_dim,
+                                         head_dim_v, dropout=dropout_p > 0)
+    temporaries = [tracker.allocate_scratch(nbytes, label + "float32 delta temporaries")
+                   for nbytes in scratch.delta_temporaries]
+    free_delta = tracker.allocate_scratch(scratch.delta_bytes, label + "float32 delta")
+    for free in reversed(temporaries):
+        free()
+    if scratch.workspace_bytes:
+        frees.append(tracker.allocate_scratch(scratch.workspace_bytes, label + "workspace"))
+    free_delta()
+    for free in reversed(frees):
+        free()
+    return out
+
+
+CUDNN_CONVOLUTION_NOTE = (
+    "cuDNN convolution workspaces are not included: each convolution allocates a transient workspace whose "
+    "size depends on the engine cuDNN's heuristics pick at run time, which the shapes do not decide. When it "
+    "does not fit, PyTorch runs the next engine instead of failing (aten/src/ATen/native/cudnn/Conv_v8.cpp, "
+    "try_plans), so it can raise the measured peak but does not by itself cause an out-of-memory error.")
+
+
+@CUDA_RULES.op(torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+def _cudnn_convolution(tracker, func, args, kwargs):
+    tracker.note(CUDNN_CONVOLUTION_NOTE)
+    return func(*args, **kwargs)
+
+
+CUDA_RULES.note_on(
+    "Recurrent layers are traced through the CPU kernels: cuDNN's RNN workspace and reserve space, which a "
+    "GPU run allocates instead, are not included.",
+    torch._VF.lstm, torch._VF.gru, torch._VF.rnn_tanh, torch._VF.rnn_relu)
 
 
 _GEMMS = [getattr(torch.ops.aten, name).default for name in (
@@ -251,8 +352,7 @@ def target_for(device: str, gpu: GPU | None = None) -> Target:
         notes=(
             f"CUDA target ({gpu.name}, {gpu.sm}): caching-allocator rounding and block reuse, foreach "
             "optimizers, host-side step counters, fused dropout masks, CUDA's autocast lists, the flash / "
-            "memory-efficient attention choice, the flash backward's float32 accumulators and cuBLAS workspaces "
-            "(one per thread: the autograd thread's is unverified) are modelled; cuDNN convolution workspaces "
-            "and the memory-efficient attention backward's scratch are not yet.",
+            "memory-efficient attention choice and those kernels' scratch, and cuBLAS workspaces (one per "
+            "thread: the autograd thread's is unverified) are modelled.",
         ),
     )

@@ -100,12 +100,14 @@ class StorageTracker(TorchDispatchMode):
         self.op_count = 0
         self.recording = True
         self.assumptions: list[Assumption] = []
+        self.notes: list[str] = []  # what a rule says the prediction leaves out, once each
         self.where = ModuleCall()
         self.module_stack: list[tuple[str, tuple]] = []  # (name, (type name, input shapes))
         self.last_op = None  # the op running when something fails, for the error message
         self.flops = None  # a flops.FlopCounter, told of every op
-        # storage key -> (weakref whose callback records the free, records of that storage)
-        self._live: dict[int, tuple[weakref.ref, list[StorageRecord]]] = {}
+        # storage key -> (weakref whose callback records the free, records of that storage, or None for
+        # a storage the device keeps in host memory)
+        self._live: dict[int, tuple[weakref.ref, list[StorageRecord] | None]] = {}
         # backward attribution: autograd sequence numbers at which the innermost module changed
         self._seq_marks: list[int] = []
         self._seq_names: list[str] = []
@@ -131,18 +133,35 @@ class StorageTracker(TorchDispatchMode):
         if self.flops is not None and self.where.iteration == 0:  # later iterations repeat the first's FLOPs
             self.flops.count(func, args, kwargs, out, self.where.phase)
         if self.recording:
-            if isinstance(out, torch.Tensor):
-                self._see(out, func)
-                if func is _ADD and self._accumulating is not None and self.where.phase is Phase.BACKWARD:
-                    self._note_accumulation(out, args)
-            elif isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
-                for t in out:
-                    self._see(t, func)
-            else:
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor):
-                        self._see(t, func)
+            self.record_outputs(out, func)
+            if (func is _ADD and isinstance(out, torch.Tensor) and self._accumulating is not None
+                    and self.where.phase is Phase.BACKWARD):
+                self._note_accumulation(out, args)
         return out
+
+    def record_outputs(self, out, func) -> None:
+        """Accounts the storages of an op's outputs. Called after every op; a rule calls it itself where
+        the op's outputs exist before the scratch the rule adds (seeing a storage twice is a no-op)."""
+        if not self.recording:
+            return
+        if isinstance(out, torch.Tensor):
+            self._see(out, func)
+        else:
+            for t in (out if isinstance(out, (tuple, list)) else tree_flatten(out)[0]):
+                if isinstance(t, torch.Tensor):
+                    self._see(t, func)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def in_host_memory(self, t: torch.Tensor) -> None:
+        """Marks an op's output as one the device keeps in host memory (a CPU tensor a CUDA kernel
+        returns): its storage is never accounted."""
+        st = t.untyped_storage()
+        key = st._cdata
+        if key not in self._live:
+            self._live[key] = (weakref.ref(st, self._freed_callback(key)), None)
 
     # ---- gradient accumulation -----------------------------------------------------------------
     # When two gradients meet at one input, the autograd engine sums them in its InputBuffer as
@@ -189,6 +208,8 @@ class StorageTracker(TorchDispatchMode):
         st = t.untyped_storage()
         key = st._cdata
         entry = self._live.get(key)
+        if entry is not None and entry[1] is None:  # in host memory
+            return
         if entry is None:
             self._live[key] = entry = (weakref.ref(st, self._freed_callback(key)), [])
             self._alloc(entry[1], st.nbytes(), func)
@@ -231,7 +252,7 @@ class StorageTracker(TorchDispatchMode):
     def _freed_callback(self, key):
         def freed(_ref):
             _, group = self._live.pop(key, (None, ()))
-            if not self.recording:
+            if not self.recording or group is None:
                 return
             for rec in group:
                 self._free(rec)

@@ -138,7 +138,10 @@ def test_backend_choice(dtype, head_dim, mask, expected):
 def test_no_flash_before_ampere():
     with torch.device("meta"):
         q = torch.empty(2, 4, 16, 64, dtype=torch.float16)
+        b = torch.empty(2, 4, 16, 64, dtype=torch.bfloat16)
     assert cuda_sdp_backend(q, q, q, None, 0.0, False, capability=(7, 5)) == "efficient"
+    # sdp_utils.cpp: memory-efficient attention takes bfloat16 only from sm80 on
+    assert cuda_sdp_backend(b, b, b, None, 0.0, False, capability=(7, 5)) == "math"
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention, passed with enable_gqa
@@ -269,3 +272,103 @@ def test_flash_backward_expands_grouped_key_value_gradients():
     cpu = memtrace.report(GroupedAttention(), (2, 128, 512), dtype=torch.bfloat16, optimizer="sgd", steps=1,
                           device="cpu")
     assert not scratch(cpu, "float32 softmax_d")
+
+
+def efficient_scratch(r, label):
+    return [a.requested_bytes for a in r.allocations if a.op == f"memory-efficient attention backward: {label}"]
+
+
+def test_float32_memory_efficient_backward_scratch():
+    # B=2, H=4, M=N=100, K=64, float32 on an H100: the f32 64x64 kernel for head dims <= 64. Delta is
+    # (grad_out * out).sum(-1) made contiguous: a [B, M, H, K] float32 product (204,800 B) and the
+    # [B, M, H] sum (3,200 B) on the way to the [B, H, M] delta (3,200 B). The workspace holds one
+    # 16-byte header and a 64x64 float tile per query block (2) and head-dim block (1), per batch and
+    # head: 2 * 4 * 2 * (16 + 64*64*4) = 262,400 B.
+    r = attention_report_at(torch.float32, 4, 64, 100)
+    assert efficient_scratch(r, "float32 delta temporaries") == [2 * 100 * 4 * 64 * 4, 2 * 100 * 4 * 4]
+    assert efficient_scratch(r, "float32 delta") == [2 * 4 * 100 * 4]
+    assert efficient_scratch(r, "workspace") == [2 * 4 * 2 * (16 + 64 * 64 * 4)]
+    assert not efficient_scratch(r, "contiguous grad_out")  # it is [B, L, H, K] contiguous already
+
+
+def test_scratch_coexists_with_the_gradients():
+    # The kernels write dq, dk and dv while their scratch is live: the tracer must see the gradients
+    # allocated before the scratch, not after the op returns.
+    r = attention_report_at(torch.float32, 4, 64, 100)
+    grads = allocations_of(r, "aten._scaled_dot_product_efficient_attention_backward.default")
+    workspace = next(a for a in r.allocations if a.op == "memory-efficient attention backward: workspace")
+    assert len(grads) == 3
+    assert all(g.alloc_event < workspace.alloc_event < g.free_event for g in grads)
+    flash = attention_report_at(torch.bfloat16, 4, 64, 100, mask=False)
+    grads = allocations_of(flash, "aten._scaled_dot_product_flash_attention_for_cpu_backward.default")
+    (dq_accum,) = scratch(flash, "float32 dq accumulator")
+    assert len(grads) == 3 and all(g.alloc_event < dq_accum.alloc_event < g.free_event for g in grads)
+
+
+def test_half_memory_efficient_backward_computes_delta_in_the_kernel():
+    # bf16 with a mask: the 64x64 kernel keeps dk/dv in registers and computes delta itself; the
+    # workspace is the dq accumulator alone, in float32 (2 * 4 * 2 * (16 + 64*64*4) B).
+    r = attention_report_at(torch.bfloat16, 4, 64, 100)
+    assert not efficient_scratch(r, "float32 delta temporaries")
+    assert efficient_scratch(r, "float32 delta") == [2 * 4 * 100 * 4]
+    assert efficient_scratch(r, "workspace") == [2 * 4 * 2 * (16 + 64 * 64 * 4)]
+
+
+def test_memory_efficient_kernel_depends_on_shared_memory():
+    # Head dim 128 in half precision: an H100 runs the 128x128 tile (dk/dv in registers; one query block
+    # per 128 queries): 2 * 2 * 2 * (16 + 128*128*4) B. An RTX 4090 (99 KiB of shared memory per block)
+    # may have to fall back to the 64x64 tile, which also accumulates dk and dv in float32 over
+    # 4 key splits; the larger of the two is predicted: per batch and head, dq 4 query blocks x 2
+    # column blocks x (16 + 64*64*4) B plus dk and dv 4 x 64 x 128 floats each.
+    h100 = attention_report_at(torch.float16, 2, 128, 256)
+    assert efficient_scratch(h100, "workspace") == [2 * 2 * 2 * (16 + 128 * 128 * 4)]
+    rtx = attention_report_at(torch.float16, 2, 128, 256, gpu="RTX 4090")
+    assert efficient_scratch(rtx, "workspace") == [2 * 2 * (4 * 2 * (16 + 64 * 64 * 4) + 2 * 4 * 64 * 128 * 4)]
+
+
+def test_memory_efficient_forward_accumulates_wide_heads_in_float32():
+    # Half-precision heads over 128 run the kernel that keeps a float32 [B, M, H, Kv] output accumulator.
+    r = attention_report_at(torch.float16, 2, 160, 64)
+    accumulators = [a for a in r.allocations if a.op == "memory-efficient attention: float32 output accumulator"]
+    assert [a.requested_bytes for a in accumulators] == [2 * 64 * 2 * 160 * 4]
+    assert not [a for a in attention_report_at(torch.float16, 2, 128, 64).allocations
+                if a.op == "memory-efficient attention: float32 output accumulator"]
+
+
+def test_memory_efficient_seed_and_offset_stay_on_the_host():
+    # _efficient_attention_forward's philox seed and offset are CPU scalars: nothing of 8 bytes is charged.
+    r = attention_report_at(torch.float32, 4, 64, 100)
+    outputs = allocations_of(r, "aten._scaled_dot_product_efficient_attention.default")
+    assert [a.requested_bytes for a in outputs] == [2 * 100 * 4 * 64 * 4, 2 * 4 * 128 * 4]
+
+
+def test_unaligned_mask_is_padded_before_the_kernel():
+    # attention.cpp, preprocess_mask: a [100, 100] float bias has rows of 100 elements, not a multiple of
+    # 8, so it is copied into a [100, 104] one first.
+    r = attention_report_at(torch.float32, 4, 64, 100)
+    assert 100 * 104 * 4 in [a.requested_bytes for a in allocations_of(r, "aten.constant_pad_nd.default")]
+    aligned = attention_report_at(torch.float32, 4, 64, 96)
+    assert not allocations_of(aligned, "aten.constant_pad_nd.default")
+
+
+def attention_report_at(dtype, heads, head_dim, length, mask=True, gpu=None):
+    model = Attention(heads, head_dim, mask=mask)
+    return memtrace.report(model, (2, length, heads * head_dim), dtype=dtype, optimizer="sgd", device="cuda",
+                           gpu=gpu, steps=1)
+
+
+def test_convolutions_and_recurrent_layers_say_what_is_left_out():
+    class ConvGRU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.gru = nn.Conv2d(3, 4, 3), nn.GRU(4, 4)
+
+        def forward(self, x):
+            return self.gru(self.conv(x).flatten(2).permute(2, 0, 1))[0]
+
+    r = memtrace.report(ConvGRU(), (2, 3, 8, 8), optimizer="sgd", device="cuda", steps=1)
+    assert any(n.startswith("cuDNN convolution workspaces are not included") for n in r.notes)
+    assert any(n.startswith("Recurrent layers are traced through the CPU kernels") for n in r.notes)
+    mlp = memtrace.report(make_mlp(), (4, 4), optimizer="sgd", device="cuda", steps=1)
+    assert not any("cuDNN" in n for n in mlp.notes)
+    assert not memtrace.report(ConvGRU(), (2, 3, 8, 8), optimizer="sgd", device="cpu", steps=1).notes
