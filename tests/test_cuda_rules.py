@@ -372,3 +372,11 @@ def test_convolutions_and_recurrent_layers_say_what_is_left_out():
     mlp = memtrace.report(make_mlp(), (4, 4), optimizer="sgd", device="cuda", steps=1)
     assert not any("cuDNN" in n for n in mlp.notes)
     assert not memtrace.report(ConvGRU(), (2, 3, 8, 8), optimizer="sgd", device="cpu", steps=1).notes
+
+
+def test_flash_on_hopper_says_cudnn_attention_may_run_instead():
+    h100 = attention_report_at(torch.bfloat16, 4, 64, 128, mask=False)
+    assert any("cuDNN attention" in n for n in h100.notes)
+    a100 = attention_report_at(torch.bfloat16, 4, 64, 128, mask=False, gpu="A100")
+    assert not any("cuDNN attention" in n for n in a100.notes)
+    assert not any("cuDNN attention" in n for n in attention_report_at(torch.float32, 4, 64, 128).notes)
