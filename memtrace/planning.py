@@ -172,7 +172,7 @@ class MaxBatch:
             rows.append([str(b), format_bytes(self.peaks[b], 2),
                          f"{format_bytes(left, 2)} free" if left >= 0 else f"over by {format_bytes(-left, 2)}",
                          "<- answer" if b == self.batch_size else ""])
-        body = tabulate(rows, headers=["Batch", "Predicted peak", "Against the limit", ""], tablefmt=fmt,
+        body = tabulate(rows, headers=["Batch", "Predicted peak", "Against the limit", "Note"], tablefmt=fmt,
                         disable_numparse=True, colalign=("right", "right", "right", "left"))
         return f"{self.headline()}\n\n{body}\n\n{self.estimates} estimates"
 

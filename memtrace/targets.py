@@ -218,18 +218,21 @@ def _contiguous_copies(tracker, label: str, **tensors) -> list:
             for name, t in tensors.items() if not t.transpose(1, 2).is_contiguous()]
 
 
-CUDNN_ATTENTION_NOTE = (
-    "On this GPU, PyTorch 2.10 and later with a cuDNN newer than 9.15.0 (as the 2.11 wheels bundle) run cuDNN "
-    "attention where flash is predicted (sdp_utils.cpp, check_prefer_cudnn_attention). It saves the same "
-    "output and float32 softmax statistics; its backward workspace is taken to be flash's float32 "
-    "accumulators (not verified on a GPU).")
+def cudnn_attention_note() -> str:
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    here = (f"torch {torch.__version__} here has cuDNN {cudnn // 10000}.{cudnn // 100 % 100}.{cudnn % 100}"
+            if cudnn else f"torch {torch.__version__} here has no cuDNN")
+    return ("On this GPU, PyTorch 2.10 and later run cuDNN attention where flash is predicted if their cuDNN is "
+            f"newer than 9.15.0 (sdp_utils.cpp, check_prefer_cudnn_attention; {here}). It saves the same output "
+            "and float32 softmax statistics; its backward workspace is taken to be flash's float32 accumulators "
+            "(not verified on a GPU).")
 
 
 @CUDA_RULES.op(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)
 def _flash_attention(tracker, func, args, kwargs):
     # sdp_utils.cpp, check_prefer_cudnn_attention: cuDNN attention goes first on sm90, sm100 and sm103
     if tracker.target.gpu.capability in ((9, 0), (10, 0), (10, 3)):
-        tracker.note(CUDNN_ATTENTION_NOTE)
+        tracker.note(cudnn_attention_note())
     return func(*args, **kwargs)
 
 

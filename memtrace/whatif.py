@@ -97,7 +97,7 @@ class Comparison:
         rows = [[r.label, format_bytes(r.peak_bytes, 2), "-" if i == 0 else _signed(r.delta_bytes),
                  "-" if i == 0 else f"{100 * r.delta_bytes / first:+.1f}%", "-" if i == 0 else _moved_text(r.moved)]
                 for i, r in enumerate(self.rows)]
-        return tabulate(rows, headers=["Variant", "Peak", f"vs {self.rows[0].label}", "", "What moved at the peak"],
+        return tabulate(rows, headers=["Variant", "Peak", f"vs {self.rows[0].label}", "Change", "What moved at the peak"],
                         tablefmt=fmt, disable_numparse=True, colalign=("left", "right", "right", "right", "left"))
 
     def __str__(self) -> str:
@@ -160,7 +160,7 @@ class Levers:
         rows = [[lv.label, format_bytes(lv.report.peak_bytes, 2), format_bytes(lv.saves_bytes, 2) if lv.saves_bytes >= 0
                  else "+" + format_bytes(-lv.saves_bytes, 2), "yes" if lv.fits else "no", lv.note]
                 for lv in self.levers]
-        return head + "\n\n" + tabulate(rows, headers=["Lever", "Peak", "Saves", "Fits", ""], tablefmt=fmt,
+        return head + "\n\n" + tabulate(rows, headers=["Lever", "Peak", "Saves", "Fits", "Note"], tablefmt=fmt,
                                         disable_numparse=True, colalign=("left", "right", "right", "left", "left"))
 
     def __str__(self) -> str:
