@@ -191,24 +191,28 @@ def _flash_backward_scratch(tracker, func, args, kwargs):
     out = func(*args, **kwargs)
     tracker.record_outputs(out, func)
     q, k = args[1], args[2]
-    batch, heads, lq, d = q.shape
-    kv_heads, lk = k.shape[1], k.shape[2]
-    f32 = 4
-    softmax_d = tracker.allocate_scratch(batch * heads * _round_up(lq, 128) * f32,
-                                         "flash attention backward: float32 softmax_d")
-    d_rounded = _round_up(d, 32 if d <= 128 else 64)
-    frees = [tracker.allocate_scratch(batch * _round_up(lq, 128) * heads * d_rounded * f32,
-                                      "flash attention backward: float32 dq accumulator")]
-    if kv_heads != heads:
-        for name in ("dk", "dv"):
-            frees.append(tracker.allocate_scratch(batch * lk * heads * d * q.element_size(),
-                                                  f"flash attention backward: {name} for every query head"))
+    scratch = flash_backward_scratch(*q.shape, kv_heads=k.shape[1], lk=k.shape[2], elem_size=q.element_size())
+    softmax_d = tracker.allocate_scratch(scratch["float32 softmax_d"], "flash attention backward: float32 softmax_d")
+    frees = [tracker.allocate_scratch(nbytes, f"flash attention backward: {name}")
+             for name, nbytes in scratch.items() if name != "float32 softmax_d"]
     for free in reversed(frees):
         free()
     softmax_d()
     for free in reversed(copies):
         free()
     return out
+
+
+def flash_backward_scratch(batch: int, heads: int, lq: int, d: int, kv_heads: int, lk: int,
+                           elem_size: int) -> dict[str, int]:
+    """The scratch of flash attention's backward (mha_bwd) in bytes, in the order it is allocated."""
+    f32 = 4
+    scratch = {"float32 softmax_d": batch * heads * _round_up(lq, 128) * f32,
+               "float32 dq accumulator": batch * _round_up(lq, 128) * heads * _round_up(d, 32 if d <= 128 else 64) * f32}
+    if kv_heads != heads:
+        for name in ("dk", "dv"):
+            scratch[f"{name} for every query head"] = batch * lk * heads * d * elem_size
+    return scratch
 
 
 def _contiguous_copies(tracker, label: str, **tensors) -> list:
