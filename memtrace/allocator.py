@@ -7,11 +7,18 @@ carved from 2 MiB segments and a large pool carved from 20 MiB segments (request
 segments of the request rounded up to 2 MiB; best-fit by (size, address); a cached block is split only
 if the remainder is >= 512 B (small pool) or > 1 MiB (large pool), otherwise the whole block is charged
 to ``allocated_bytes``; freed blocks merge with free neighbours and stay cached.
+
+With ``expandable_segments`` (``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``) each pool is one
+segment of reserved address space that grows at its end: a request no free block fits maps the 2 MiB
+(small pool) or 20 MiB (large pool) pages it lacks after the free block at the end, if any
+(find_expandable_block, try_allocate_expandable_block); blocks are split whenever 512 B or more remain
+(should_split), so every allocation is charged its rounded size.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass, field
 
 KiB, MiB = 1024, 1024 * 1024
@@ -68,10 +75,12 @@ class Charges:
     reserved_peak_bytes: int = 0
     addresses: dict[int, int] = field(default_factory=dict)  # record index -> block address (caching model)
     segments: list[Segment] = field(default_factory=list)  # in the order they were reserved
+    # expandable segments: record index -> (address, bytes) of the pages mapped to make room for it
+    mapped: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class ExactAllocator:
-    name = "exact"
+    name = label = "exact"
 
     def replay(self, sequence) -> Charges:
         return Charges({i: n for i, n, is_alloc in sequence if is_alloc})
@@ -79,12 +88,19 @@ class ExactAllocator:
 
 @dataclass
 class CudaCachingAllocator:
-    """Replays (record index, bytes, is_alloc) events; ``expandable_segments`` charges rounded sizes."""
+    """Replays (record index, bytes, is_alloc) events."""
 
     expandable_segments: bool = False
-    name: str = field(default="cuda-caching", init=False)
+    name = "cuda-caching"
+    EXPANDABLE_NAME = "cuda-caching, expandable segments"
+
+    @property
+    def label(self) -> str:
+        return self.EXPANDABLE_NAME if self.expandable_segments else self.name
 
     def replay(self, sequence) -> Charges:
+        if self.expandable_segments:
+            return self._replay_expandable(sequence)
         pools: dict[bool, list[tuple[int, int, _Block]]] = {True: [], False: []}
         blocks: dict[int, _Block] = {}
         charged: dict[int, int] = {}
@@ -101,9 +117,6 @@ class CudaCachingAllocator:
             size = round_size(nbytes)
             if size == 0:
                 charged[index] = 0
-                continue
-            if self.expandable_segments:
-                charged[index] = size
                 continue
             small = size <= SMALL_SIZE
             pool = pools[small]
@@ -131,8 +144,72 @@ class CudaCachingAllocator:
             addresses[index] = block.ptr
         return Charges(charged, reserved_peak, addresses, _segments(heads, blocks))
 
+    def _replay_expandable(self, sequence) -> Charges:
+        pools: dict[bool, list[tuple[int, int, _Block]]] = {True: [], False: []}
+        tails: dict[bool, _Block | None] = {True: None, False: None}  # the block at each segment's end
+        mapped_bytes = {True: 0, False: 0}
+        base = {True: 0, False: 1 << 40}  # the two segments' address ranges never meet
+        blocks: dict[int, _Block] = {}
+        charged: dict[int, int] = {}
+        addresses: dict[int, int] = {}
+        mapped: dict[int, tuple[int, int]] = {}
+        heads: list[tuple[_Block, int]] = []
+        reserved_peak = 0
+        for index, nbytes, is_alloc in sequence:
+            if not is_alloc:
+                block = blocks.pop(index, None)
+                if block is not None:
+                    merged = self._free(block, pools[block.small])
+                    if merged.next is None:
+                        tails[block.small] = merged
+                continue
+            size = round_size(nbytes)
+            if size == 0:
+                charged[index] = 0
+                continue
+            small = size <= SMALL_SIZE
+            pool = pools[small]
+            pos = bisect.bisect_left(pool, (size, -1))
+            if pos < len(pool):
+                block = pool.pop(pos)[2]
+            else:  # map the pages the free block at the end (if any) lacks
+                tail = tails[small]
+                end_free = tail if tail is not None and tail.free else None
+                page = SMALL_BUFFER if small else LARGE_BUFFER
+                grow = -(-(size - (end_free.size if end_free else 0)) // page) * page
+                start = base[small] + mapped_bytes[small]
+                mapped_bytes[small] += grow
+                mapped[index] = (start, grow)
+                reserved_peak = max(reserved_peak, mapped_bytes[True] + mapped_bytes[False])
+                if end_free is not None:
+                    pool.remove((end_free.size, end_free.ptr, end_free))
+                    end_free.size += grow
+                    block = end_free
+                else:
+                    block = _Block(start, grow, small, prev=tail)
+                    if tail is None:
+                        heads.append((block, index))
+                    else:
+                        tail.next = block
+                    tails[small] = block
+            remaining = block.size - size
+            if remaining >= MIN_BLOCK:
+                rest = _Block(block.ptr + size, remaining, small, prev=block, next=block.next)
+                if block.next is not None:
+                    block.next.prev = rest
+                else:
+                    tails[small] = rest
+                block.next = rest
+                block.size = size
+                bisect.insort(pool, (rest.size, rest.ptr, rest))
+            block.free = False
+            blocks[index] = block
+            charged[index] = block.size
+            addresses[index] = block.ptr
+        return Charges(charged, reserved_peak, addresses, _segments(heads, blocks), mapped)
+
     @staticmethod
-    def _free(block: _Block, pool: list) -> None:
+    def _free(block: _Block, pool: list) -> _Block:
         block.free = True
         for neighbour in (block.prev, block.next):
             if neighbour is not None and neighbour.free:
@@ -149,6 +226,7 @@ class CudaCachingAllocator:
                     if neighbour.next is not None:
                         neighbour.next.prev = block
         bisect.insort(pool, (block.size, block.ptr, block))
+        return block
 
 
 def _segments(heads: list[tuple[_Block, int]], live: dict[int, _Block]) -> list[Segment]:
@@ -163,3 +241,32 @@ def _segments(heads: list[tuple[_Block, int]], live: dict[int, _Block]) -> list[
             block = block.next
         segments.append(Segment(head.ptr, total, head.small, opened_by, tuple(chain)))
     return segments
+
+
+ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def cuda_allocator_from_environment(environ=os.environ) -> tuple[CudaCachingAllocator, tuple[str, ...]]:
+    """The caching-allocator model for the allocator settings a training process started from this
+    environment would use (``PYTORCH_ALLOC_CONF``, else ``PYTORCH_CUDA_ALLOC_CONF``), and notes on the
+    settings it does not model."""
+    for variable in ALLOC_CONF_VARIABLES:
+        conf = environ.get(variable)
+        if conf:
+            break
+    else:
+        return CudaCachingAllocator(), ()
+    expandable, ignored = False, []
+    for item in conf.split(","):
+        key, _, value = item.strip().partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "expandable_segments":
+            expandable = value == "True"
+        elif key and not (key == "backend" and value == "native"):
+            ignored.append(f"{key}:{value}")
+    notes = ()
+    if ignored:
+        notes = (f"{variable} sets {', '.join(ignored)}, which the caching-allocator model does not follow: "
+                 "the prediction is for PyTorch's default for "
+                 f"{'that setting' if len(ignored) == 1 else 'those settings'}.",)
+    return CudaCachingAllocator(expandable_segments=expandable), notes

@@ -262,7 +262,7 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
     return Report(
         model=type(model).__name__,
         device=trace.target.name,
-        allocator=trace.target.allocator.name,
+        allocator=trace.target.allocator.label,
         settings=MappingProxyType(_settings(options)),
         peak_bytes=peak,
         peak=peak_at,

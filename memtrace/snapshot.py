@@ -43,8 +43,8 @@ def save_snapshot(report, path: str | PathLike) -> None:
 def snapshot(report) -> dict:
     """The predicted allocations of ``report`` as a ``torch.cuda.memory._snapshot()`` dictionary."""
     events = _events(report)
-    if report.allocator == CudaCachingAllocator.name:
-        return _cuda_snapshot(report, events)
+    if report.allocator in (CudaCachingAllocator.name, CudaCachingAllocator.EXPANDABLE_NAME):
+        return _cuda_snapshot(report, events, report.allocator == CudaCachingAllocator.EXPANDABLE_NAME)
     if report.allocator == ExactAllocator.name:
         return _exact_snapshot(events)
     raise ValueError(f"no snapshot for the {report.allocator!r} allocator model: it has no address space")
@@ -77,8 +77,8 @@ def _entry(action: str, addr: int, size: int, frames_: list) -> dict:
     return {"action": action, "addr": addr, "size": size, "stream": 0, "frames": frames_}
 
 
-def _cuda_snapshot(report, events) -> dict:
-    charges = CudaCachingAllocator().replay([(a.index, a.requested_bytes, is_alloc) for a, is_alloc in events])
+def _cuda_snapshot(report, events, expandable: bool) -> dict:
+    charges = CudaCachingAllocator(expandable).replay([(a.index, a.requested_bytes, is_alloc) for a, is_alloc in events])
     by_index = {a.index: a for a in report.allocations}
     if any(charges.charged[i] != a.charged_bytes for i, a in by_index.items()):
         raise ValueError("the caching-allocator model no longer charges this report's allocations as it did; "
@@ -91,13 +91,16 @@ def _cuda_snapshot(report, events) -> dict:
         addr, f = BASE_ADDRESS + charges.addresses[a.index], frames_of(a)
         if is_alloc:
             seg = opened.get(a.index)
-            if seg is not None:
+            if a.index in charges.mapped:  # expandable segments grow by mapping pages
+                start, size = charges.mapped[a.index]
+                trace.append(_entry("segment_map", BASE_ADDRESS + start, size, f))
+            elif seg is not None:
                 trace.append(_entry("segment_alloc", BASE_ADDRESS + seg.address, seg.size, f))
             trace.append(_entry("alloc", addr, a.requested_bytes, f))
         else:
             trace.append(_entry("free_requested", addr, a.requested_bytes, f))
             trace.append(_entry("free_completed", addr, a.requested_bytes, f))
-    segments = [_segment(s, by_index, frames_of) for s in charges.segments]
+    segments = [_segment(s, by_index, frames_of, expandable) for s in charges.segments]
     return {"segments": segments, "device_traces": [trace]}
 
 
@@ -113,7 +116,7 @@ def _frames_cache():
     return frames_of
 
 
-def _segment(seg: Segment, by_index, frames_of) -> dict:
+def _segment(seg: Segment, by_index, frames_of, expandable: bool = False) -> dict:
     blocks, address = [], BASE_ADDRESS + seg.address
     for size, index in seg.blocks:
         a = None if index is None else by_index[index]
@@ -123,16 +126,16 @@ def _segment(seg: Segment, by_index, frames_of) -> dict:
         })
         address += size
     return _segment_dict(BASE_ADDRESS + seg.address, seg.size, "small" if seg.small else "large",
-                         frames_of(by_index[seg.opened_by]), blocks)
+                         frames_of(by_index[seg.opened_by]), blocks, expandable)
 
 
-def _segment_dict(address: int, size: int, kind: str, frames_: list, blocks: list) -> dict:
+def _segment_dict(address: int, size: int, kind: str, frames_: list, blocks: list, expandable: bool = False) -> dict:
     active = [b for b in blocks if b["state"] == "active_allocated"]
     return {
         "device": 0, "address": address, "total_size": size,
         "allocated_size": sum(b["size"] for b in active), "active_size": sum(b["size"] for b in active),
         "requested_size": sum(b["requested_size"] for b in active), "stream": 0, "segment_type": kind,
-        "segment_pool_id": (0, 0), "is_expandable": False, "frames": frames_, "blocks": blocks,
+        "segment_pool_id": (0, 0), "is_expandable": expandable, "frames": frames_, "blocks": blocks,
     }
 
 

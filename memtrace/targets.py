@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from .allocator import CudaCachingAllocator, ExactAllocator
+from .allocator import ExactAllocator, cuda_allocator_from_environment
 from .autocast import autocast_dtype, cast, cuda_autocast
 from .cutlass_attention import efficient_backward_scratch, efficient_forward_accumulator_bytes
 from .gpus import DEFAULT_GPU, GPU, lookup
@@ -363,12 +363,13 @@ def target_for(device: str, gpu: GPU | None = None) -> Target:
         return Target(name="cpu", rules=CPU_RULES, prepare_optimizer=_keep_optimizer_default,
                       host_resident=_nothing_on_host, allocator=ExactAllocator())
     gpu = gpu or lookup(DEFAULT_GPU)
+    allocator, allocator_notes = cuda_allocator_from_environment()
     return Target(
         name="cuda",
         rules=CUDA_RULES,
         prepare_optimizer=_foreach_as_on_cuda,
         host_resident=_step_counter_on_host,
-        allocator=CudaCachingAllocator(),
+        allocator=allocator,
         gpu=gpu,
         autocast=cuda_autocast,
         notes=(
@@ -376,5 +377,6 @@ def target_for(device: str, gpu: GPU | None = None) -> Target:
             "optimizers, host-side step counters, fused dropout masks, CUDA's autocast lists, the flash / "
             "memory-efficient attention choice and those kernels' scratch, and cuBLAS workspaces (one per "
             "thread: the autograd thread's is unverified) are modelled.",
+            *allocator_notes,
         ),
     )

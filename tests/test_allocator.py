@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from memtrace.allocator import CudaCachingAllocator, ExactAllocator, round_size, segment_size
+from memtrace.allocator import (CudaCachingAllocator, ExactAllocator, cuda_allocator_from_environment, round_size,
+                               segment_size)
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -173,9 +174,68 @@ def test_free_of_unknown_index_is_ignored():
     assert c.charged == {0: 512}
 
 
+def expandable(*events):
+    return CudaCachingAllocator(expandable_segments=True).replay(list(events))
+
+
 def test_expandable_segments_charge_the_rounded_size():
-    c = CudaCachingAllocator(expandable_segments=True).replay([alloc(0, 11 * MiB), alloc(1, 1), alloc(2, 0)])
+    c = expandable(alloc(0, 11 * MiB), alloc(1, 1), alloc(2, 0))
     assert c.charged == {0: 11 * MiB, 1: 512, 2: 0}
+    # the large pool maps 20 MiB pages, the small pool 2 MiB ones
+    assert c.reserved_peak_bytes == 20 * MiB + 2 * MiB
+
+
+def test_expandable_segments_split_what_the_classic_pool_charges_whole():
+    # 19.5 MiB leaves 0.5 MiB of its 20 MiB page: the classic large pool charges the whole block,
+    # an expandable segment splits it and a later small-enough large request uses the rest
+    assert replay(alloc(0, 19 * MiB + 512 * KiB)).charged == {0: 20 * MiB}
+    c = expandable(alloc(0, 19 * MiB + 512 * KiB), alloc(1, 1536 * KiB))
+    assert c.charged == {0: 19 * MiB + 512 * KiB, 1: 1536 * KiB}
+    assert c.addresses[1] == c.addresses[0] + 19 * MiB + 512 * KiB
+    # the 0.5 MiB free at the end is extended by one page, not a new segment
+    assert c.reserved_peak_bytes == 40 * MiB
+    assert c.mapped == {0: (c.addresses[0], 20 * MiB), 1: (c.addresses[0] + 20 * MiB, 20 * MiB)}
+
+
+def test_expandable_segment_grows_from_its_free_end():
+    # A (12 MiB) and B (6 MiB) fill 18 of the first 20 MiB page; C (30 MiB) fits no free block, so the
+    # 2 MiB free at the end is extended by ceil(28 / 20) = 2 pages and C starts where B ended
+    c = expandable(alloc(0, 12 * MiB), alloc(1, 6 * MiB), alloc(2, 30 * MiB))
+    assert c.addresses[2] == c.addresses[0] + 18 * MiB
+    assert c.reserved_peak_bytes == 60 * MiB
+    # freeing A leaves a 12 MiB hole that a 10 MiB request reuses without mapping more
+    c = expandable(alloc(0, 12 * MiB), alloc(1, 6 * MiB), alloc(2, 30 * MiB), free(0), alloc(3, 10 * MiB))
+    assert c.addresses[3] == c.addresses[0] and 3 not in c.mapped
+    assert c.reserved_peak_bytes == 60 * MiB
+
+
+def test_expandable_segment_merges_frees_into_its_end():
+    # B at the end is freed and merges with the free rest of the page: the next request extends that
+    c = expandable(alloc(0, 4 * MiB), alloc(1, 4 * MiB), free(1), alloc(2, 30 * MiB))
+    assert c.addresses[2] == c.addresses[0] + 4 * MiB
+    assert c.mapped[2] == (c.addresses[0] + 20 * MiB, 20 * MiB)  # 16 MiB free + 20 MiB mapped >= 30 MiB
+    assert c.reserved_peak_bytes == 40 * MiB
+    assert [s.size for s in c.segments] == [40 * MiB]
+
+
+@pytest.mark.parametrize("conf, expandable_, noted", [
+    (None, False, None),
+    ("expandable_segments:True", True, None),
+    ("expandable_segments:False", False, None),
+    ("max_split_size_mb:128,expandable_segments:True", True, "max_split_size_mb:128"),
+    ("backend:cudaMallocAsync", False, "backend:cudaMallocAsync"),
+    ("backend:native, roundup_power2_divisions:4", False, "roundup_power2_divisions:4"),
+])
+def test_allocator_follows_the_environment(conf, expandable_, noted):
+    env = {} if conf is None else {"PYTORCH_CUDA_ALLOC_CONF": conf}
+    allocator, notes = cuda_allocator_from_environment(env)
+    assert allocator.expandable_segments is expandable_
+    assert (notes == ()) if noted is None else (noted in notes[0] and "PYTORCH_CUDA_ALLOC_CONF" in notes[0])
+
+
+def test_device_generic_variable_wins():
+    env = {"PYTORCH_ALLOC_CONF": "expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
+    assert cuda_allocator_from_environment(env)[0].expandable_segments
 
 
 def test_exact_allocator_charges_requested_bytes():

@@ -56,6 +56,13 @@ def replay(trace):
         if action == "segment_alloc":
             assert all(addr >= a + n or addr + size <= a for a, n in segments.items()), "segments overlap"
             segments[addr] = size
+        elif action == "segment_map":  # an expandable segment grows at its end
+            grown = next((a for a, n in segments.items() if a + n == addr), None)
+            assert all(addr >= a + n or addr + size <= a for a, n in segments.items()), "segments overlap"
+            if grown is None:
+                segments[addr] = size
+            else:
+                segments[grown] += size
         elif action == "segment_free":
             assert segments.pop(addr) == size
             assert not any(addr <= a < addr + size for a in live), "segment released with live blocks"
@@ -210,3 +217,19 @@ def test_live_blocks_never_overlap_and_stay_in_their_segments(steps):
         assert all(any(sa <= a and a + s <= sa + ss for sa, ss in segs) for a, s in spans)
     for seg in charges.segments:
         assert sum(size for size, _ in seg.blocks) == seg.size
+
+
+def test_expandable_segments_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    r = memtrace.report(make_cnn(), (4, 3, 32, 32), optimizer="adam", device="cuda")
+    assert r.allocator == CudaCachingAllocator.EXPANDABLE_NAME
+    assert all(a.charged_bytes == -(-a.requested_bytes // 512) * 512 for a in r.allocations)
+    data = snapshot(r)
+    after, live, segments = replay(data["device_traces"][0])
+    assert {e["action"] for e in data["device_traces"][0]} >= {"segment_map", "alloc"}
+    assert all(seg["is_expandable"] for seg in data["segments"])
+    assert r.reserved_peak_bytes == sum(segments.values()) == sum(seg["total_size"] for seg in data["segments"])
+    assert len(data["segments"]) <= 2  # one per pool, grown in place
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    classic = memtrace.report(make_cnn(), (4, 3, 32, 32), optimizer="adam", device="cuda")
+    assert classic.allocator == "cuda-caching" and classic.peak_bytes >= r.peak_bytes
