@@ -44,6 +44,7 @@ def report(
     loss_fn: Any = None,
     device: Any = "cuda",
     steps: int = 2,
+    accumulation_steps: int = 1,
     train: bool = True,
     gpu: Any = None,
     verify: bool = False,
@@ -62,6 +63,10 @@ def report(
     and puts the measured peak beside the prediction (``report.measured``, ``report.error_percent``);
     without ``gpu=``, a CUDA prediction is then made for the GPU present.
 
+    ``accumulation_steps=k`` runs k forward/backward passes per optimizer step (gradient accumulation:
+    the loss divided by k, the gradients summed in ``.grad``), so the gradients of earlier micro-batches
+    are live while later ones run backward; the batch in the inputs is then one micro-batch.
+
     ``checkpoint="auto"`` traces the step with the model's repeated blocks (the children of an
     ``nn.ModuleList`` or ``nn.Sequential`` of same-typed modules) under non-reentrant activation
     checkpointing; a list of module names checkpoints those modules instead.
@@ -77,8 +82,8 @@ def report(
 
     options = parse_options(
         model, input_shape=input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
-        amp=amp, dtype=dtype, loss_fn=loss_fn, device=device, steps=steps, train=train, gpu=gpu,
-        checkpoint=checkpoint,
+        amp=amp, dtype=dtype, loss_fn=loss_fn, device=device, steps=steps, accumulation_steps=accumulation_steps,
+        train=train, gpu=gpu, checkpoint=checkpoint,
     )
     result = build_report(model, options, trace(model, options))
     if verify:
@@ -88,5 +93,6 @@ def report(
 
         result = replace(result, measured=measure(
             model, input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, amp=amp,
-            dtype=dtype, loss_fn=loss_fn, device=options.device, steps=steps, train=train))
+            dtype=dtype, loss_fn=loss_fn, device=options.device, steps=steps, accumulation_steps=accumulation_steps,
+            train=train))
     return result

@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--gpu", type=_gpu, help="the card of a CUDA run (default H100): decides kernels, workspaces "
                                              "and whether it fits")
     tr.add_argument("--steps", type=_positive, default=2, help="training iterations to trace (default 2)")
+    tr.add_argument("--accumulation-steps", type=_positive, default=1, metavar="K",
+                    help="gradient accumulation: K micro-batches of --batch-size per optimizer step (default 1)")
     tr.add_argument("--inference", action="store_true", help="forward only, no gradients or optimizer")
     tr.add_argument("--checkpoint", nargs="?", const="auto", metavar="NAMES",
                     help="activation checkpointing of the model's repeated blocks, or of the modules named "
@@ -356,6 +358,8 @@ def _predict(args, built) -> int:
     options = dict(optimizer=None if args.optimizer == "none" else args.optimizer,
                    optimizer_kwargs=args.optimizer_kwargs, amp=False if args.amp == "off" else args.amp,
                    dtype=args.dtype, device=args.device, steps=args.steps, train=not args.inference)
+    if args.accumulation_steps != 1:
+        options["accumulation_steps"] = args.accumulation_steps
     if args.checkpoint is not None:
         options["checkpoint"] = "auto" if args.checkpoint == "auto" else [
             n.strip() for n in args.checkpoint.split(",") if n.strip()]

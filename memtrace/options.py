@@ -86,6 +86,7 @@ class Options:
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     device: str = "cuda"
     steps: int = 2
+    accumulation_steps: int = 1  # micro-batches whose gradients each optimizer step sums
     train: bool = True
     gpu: GPU | None = None  # the card a CUDA run is predicted for
     checkpoint: tuple[str, ...] = ()  # modules whose forward runs under torch.utils.checkpoint
@@ -179,6 +180,7 @@ def parse_options(
     loss_fn: Any = None,
     device: Any = "cuda",
     steps: Any = 2,
+    accumulation_steps: Any = 1,
     train: Any = True,
     gpu: Any = None,
     checkpoint: Any = None,
@@ -213,8 +215,13 @@ def parse_options(
         raise TypeError(f"loss_fn={loss_fn!r} is not callable; expected callable(output, inputs) -> scalar tensor")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an int >= 1")
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an int >= 1")
     if not isinstance(train, bool):
         raise TypeError(f"train={train!r} must be True or False")
+    if not train and accumulation_steps != 1:
+        raise ValueError(f"accumulation_steps={accumulation_steps!r} given with train=False; it counts the "
+                         "micro-batches of a training step")
     if not train:
         opt_factory, opt_name, optimizer_kwargs = None, "none", None
     checkpointed = parse_checkpoint(model, checkpoint) if train else ()
@@ -228,6 +235,7 @@ def parse_options(
         loss_fn=loss_fn,
         device=dev,
         steps=steps,
+        accumulation_steps=accumulation_steps,
         train=train,
         gpu=card,
         checkpoint=checkpointed,

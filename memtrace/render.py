@@ -62,7 +62,9 @@ def header_lines(report) -> list[str]:
         f"memtrace: {report.model} — {report.param_count:,} parameters ({report.trainable_param_count:,} trainable)",
         f"{mode} on {report.device}{' (' + s['gpu'] + ')' if s.get('gpu') else ''}, {report.allocator} "
         f"allocator model, optimizer {s['optimizer']}, "
-        f"amp {s['amp']}, dtype {s['dtype']}, {s['steps']} step(s)" + (f"; inputs {inputs}" if inputs else ""),
+        f"amp {s['amp']}, dtype {s['dtype']}, {s['steps']} step(s)"
+        + (f" of {s['accumulation_steps']} accumulated micro-batches" if s.get("accumulation_steps", 1) > 1 else "")
+        + (f"; inputs {inputs}" if inputs else ""),
     ]
 
 

@@ -176,6 +176,7 @@ def _settings(options: Options) -> dict[str, Any]:
         "amp": options.amp_name,
         "dtype": str(options.dtype).removeprefix("torch."),
         "steps": options.steps,
+        "accumulation_steps": options.accumulation_steps,
         "train": options.train,
         "gpu": options.gpu.name if options.gpu else None,
         "checkpoint": list(options.checkpoint),

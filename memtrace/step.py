@@ -84,23 +84,31 @@ def run_steps(
     autocast_device: str,
     on_phase: Callable[[Phase, int], None] = lambda phase, it: None,
 ) -> None:
-    """``options.steps`` iterations of forward, loss, backward, optimizer step and zero_grad."""
+    """``options.steps`` iterations of forward, loss, backward, optimizer step and zero_grad; with
+    ``options.accumulation_steps`` = k, each iteration runs k forwards and backwards (the loss divided by
+    k, the gradients summed into ``.grad``) before the optimizer step."""
     loss_fn = options.loss_fn or default_loss
     grad_ctx = contextlib.nullcontext if options.train else torch.no_grad
+    micro_batches = options.accumulation_steps
     out = loss = None  # kept alive across iterations, as in a user's loop
     for it in range(options.steps):
-        on_phase(Phase.FORWARD, it)
-        args, kwargs, batch = new_inputs()
-        with grad_ctx(), autocast(options, autocast_device):
-            out = model(*args, **kwargs)
-            if not options.train:
-                continue
-            loss = loss_fn(out, batch)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise LossError(f"loss_fn must return a scalar tensor, got {shape}")
-        on_phase(Phase.BACKWARD, it)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        for _ in range(micro_batches):
+            on_phase(Phase.FORWARD, it)
+            args, kwargs, batch = new_inputs()
+            with grad_ctx(), autocast(options, autocast_device):
+                out = model(*args, **kwargs)
+                if not options.train:
+                    continue
+                loss = loss_fn(out, batch)
+                if micro_batches > 1 and isinstance(loss, torch.Tensor):
+                    loss = loss / micro_batches
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise LossError(f"loss_fn must return a scalar tensor, got {shape}")
+            on_phase(Phase.BACKWARD, it)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if not options.train:
+            continue
         on_phase(Phase.OPTIMIZER, it)
         if optimizer is not None:
             if scaler is not None:

@@ -189,12 +189,33 @@ def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any]
     return out
 
 
+def _accumulation_lever(model, batched, options: Mapping[str, Any], mem, largest: int, add,
+                        tries: int = 3) -> None:
+    """Gradient accumulation keeping the batch: k micro-batches of ceil(batch / k), from the fewest the
+    largest fitting batch allows. Estimated with the accumulation, since the summed gradients are live while
+    later micro-batches run backward, so a micro-batch that fits alone may not fit accumulated."""
+    from . import report
+
+    given, already = batched.batch_size, options.get("accumulation_steps", 1)
+    k = math.ceil(given / largest)
+    for _ in range(tries):
+        micro = math.ceil(given / k)
+        overrides = {"batch_size": micro, "accumulation_steps": already * k}
+        r = report(model, **batched.at(micro), **{**options, "accumulation_steps": already * k})
+        if r.peak_bytes <= mem.limit_bytes or micro == 1:
+            note = "keeps the batch" if micro * k == given else f"batch {micro * k} per step"
+            add(f"{k} × {micro} (gradient accumulation)", overrides, r, note)
+            return
+        k += 1
+
+
 def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = None, limit: Any = None,
            gpu: Any = None, context_bytes: Any = None, fragmentation: float | None = None,
            cap: int = DEFAULT_CAP, **options: Any) -> Levers:
     """When the step does not fit ``limit`` (or ``gpu``'s usable memory), what each lever saves and whether it
-    brings the step under: a smaller batch (the largest that fits), AMP fp16 / bf16, an optimizer with less
-    state, activation checkpointing, and all of those together when none is enough alone."""
+    brings the step under: a smaller batch (the largest that fits), the batch as accumulated micro-batches,
+    AMP fp16 / bf16, an optimizer with less state, activation checkpointing, and all of those together when
+    none is enough alone."""
     from . import report
 
     mem = limit_for(options, limit, gpu, context_bytes, fragmentation)
@@ -210,10 +231,9 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
 
     largest = search(estimate, mem, batched.batch_size, cap)
     if largest.fits:
-        b, given = largest.batch_size, batched.batch_size
-        steps = math.ceil(given / b)
-        add(f"batch {given} → {b}", {"batch_size": b}, largest.report,
-            f"{steps} micro-batches of ≤ {math.ceil(given / steps)} with gradient accumulation keep batch {given}")
+        given = batched.batch_size
+        add(f"batch {given} → {largest.batch_size}", {"batch_size": largest.batch_size}, largest.report)
+        _accumulation_lever(model, batched, options, mem, largest.batch_size, add)
     candidates = _candidates(model, base, options)
     for label, overrides in candidates:
         add(label, overrides, report(model, **batched.at(batched.batch_size), **_apply(options, overrides)))

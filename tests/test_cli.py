@@ -315,3 +315,10 @@ def test_a_factory_file_imports_its_neighbours(tmp_path):
     built = build_model(f"{tmp_path / 'net.py'}:net")
     assert built.module.in_features == 6
     assert str(tmp_path) not in sys.path
+
+
+def test_gradient_accumulation_flag(capsys, monkeypatch):
+    data = run_in_process([MLP, "--input-shape", "3,4", "--accumulation-steps", "2"], capsys, monkeypatch)
+    expected = memtrace.report(make_mlp(), (3, 4), accumulation_steps=2)
+    assert data["settings"]["accumulation_steps"] == 2 and data["peak_bytes"] == expected.peak_bytes
+    assert "2 step(s) of 2 accumulated micro-batches" in expected.table()

@@ -246,3 +246,16 @@ def test_cuda_and_cpu_see_the_same_requests():
     traced = [a.requested_bytes for a in cuda.allocations if a.category is not C.WORKSPACE]
     assert [a.requested_bytes for a in cpu.allocations] == traced
     assert cpu.reserved_peak_bytes is None
+
+
+def test_accumulated_gradients_are_allocated_once_and_summed_in_place():
+    # Linear(3, 5) over 2 micro-batches: the second backward adds into W.grad and b.grad in place, so
+    # each step allocates each gradient once; the second micro-batch's own gradients are temporaries.
+    r = memtrace.report(linear35(), (2, 3), optimizer="sgd", device="cpu", accumulation_steps=2, steps=1)
+    grads = [a for a in r.allocations if a.category is C.GRADIENT]
+    assert sorted(a.requested_bytes for a in grads) == [20, 60]
+    assert r.settings["accumulation_steps"] == 2
+    with pytest.raises(ValueError, match="accumulation_steps=0 must be an int >= 1"):
+        memtrace.report(linear35(), (2, 3), accumulation_steps=0)
+    with pytest.raises(ValueError, match="train=False"):
+        memtrace.report(linear35(), (2, 3), accumulation_steps=2, train=False)

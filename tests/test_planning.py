@@ -256,6 +256,12 @@ def test_levers_each_come_from_an_estimate():
     smaller = result.levers[0]
     b = result.largest.batch_size
     assert smaller.label == f"batch 2048 → {b}" and smaller.fits and 0 < b < 2048
+    # gradient accumulation keeping the batch, estimated with the accumulated gradients live
+    accumulated = result.levers[1]
+    k = accumulated.overrides["accumulation_steps"]
+    micro = accumulated.overrides["batch_size"]
+    assert accumulated.label == f"{k} × {micro} (gradient accumulation)" and k * micro >= 2048 and micro <= b
+    assert accumulated.report.peak_bytes == memtrace.report(model, (micro, 16), accumulation_steps=k).peak_bytes
     assert memtrace.report(model, (b + 1, 16)).peak_bytes > limit
     assert "Does not fit" in result.table() and result.to_dict()["max_batch_size"] == b
 
