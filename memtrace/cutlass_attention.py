@@ -53,6 +53,17 @@ _HALF_SM75 = (_K(64, 64, 32), _K(64, 64, 64), _K(128, 64, 128, wide=True), _K(64
 _FLOAT_SM75 = (_K(64, 64, 32), _K(64, 64, 64), _K(64, 64, 128), _K(64, 64, 65536))
 
 
+def _has_large_shared_memory(capability: tuple[int, int]) -> bool:
+    return _SHARED_MEMORY_PER_BLOCK_KIB.get(capability, 0) >= _LARGE_SHARED_MEMORY_KIB
+
+
+def kernel_behaviour(capability: tuple[int, int]) -> tuple:
+    """Everything about a GPU that the choices and sizes here read: GPUs that agree get the same scratch."""
+    only_on = tuple(capability in k.only_on for k in _HALF_SM80 if k.only_on)
+    return (capability >= (8, 0), capability >= (7, 0), capability == (7, 0), _has_large_shared_memory(capability),
+            only_on)
+
+
 def _kernel_list(half: bool, dropout: bool, capability: tuple[int, int]):
     if capability >= (8, 0):
         return (_HALF_SM80_DROPOUT if dropout else _HALF_SM80) if half else _FLOAT_SM80
@@ -120,7 +131,7 @@ def efficient_backward_scratch(dtype: torch.dtype, capability: tuple[int, int], 
     [.., n, k] and values [.., n, kv] on a GPU of ``capability``."""
     half = dtype in (torch.float16, torch.bfloat16)
     elem_size = torch.empty((), dtype=dtype).element_size()
-    large_shared_memory = _SHARED_MEMORY_PER_BLOCK_KIB.get(capability, 0) >= _LARGE_SHARED_MEMORY_KIB
+    large_shared_memory = _has_large_shared_memory(capability)
     head_dim = max(k, kv)
     candidates = []
     for kernel in _kernel_list(half, dropout, capability):

@@ -9,16 +9,23 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
+from .cutlass_attention import kernel_behaviour
 from .gpus import _CATALOG, GPU, lookup
 from .planning import DEFAULT_CAP, Batched, Estimates, MaxBatch, memory_limit, search
 from .units import format_bytes
 
 
-def _behaviour(card: GPU) -> tuple:
+def _behaviour(card: GPU, attention: bool) -> tuple:
     """What the CUDA target takes from a card (targets.py): which attention kernels its compute capability
-    has (flash from sm80, memory-efficient from sm50) and its cuBLAS workspace size. Cards that agree
+    has (flash from sm80, memory-efficient from sm50) and its cuBLAS workspace size; for a step that runs
+    fused attention, also what picks the memory-efficient kernel (cutlass_attention.py). Cards that agree
     give identical estimates, so they share them."""
-    return card.capability >= (8, 0), card.capability >= (5, 0), card.cublas_workspace_bytes()
+    coarse = (card.capability >= (8, 0), card.capability >= (5, 0), card.cublas_workspace_bytes())
+    return coarse + (kernel_behaviour(card.capability) if attention else ())
+
+
+def _runs_fused_attention(report) -> bool:
+    return any("attention" in a.op for a in report.allocations)
 
 
 @dataclass(frozen=True)
@@ -74,10 +81,12 @@ def fits(model: torch.nn.Module, sample_shape: Any = None, *, input_shape: Any =
     if str(options.get("device", "cuda")).startswith("cpu") or "gpu" in options:
         raise ValueError("fits() predicts a CUDA run on each card; leave out device= and gpu=")
     cards = list(_CATALOG) if gpus is None else [lookup(g) for g in gpus]
-    shared: dict[tuple, Estimates] = {}
+    first = Estimates(model, batched, {**options, "gpu": cards[0]})
+    attention = _runs_fused_attention(first(batched.batch_size))
+    shared: dict[tuple, Estimates] = {_behaviour(cards[0], attention): first}
     rows = []
     for card in cards:
-        estimate = shared.setdefault(_behaviour(card), Estimates(model, batched, {**options, "gpu": card}))
+        estimate = shared.setdefault(_behaviour(card, attention), Estimates(model, batched, {**options, "gpu": card}))
         mem = memory_limit(None, card, context_bytes, fragmentation)
         largest = search(estimate, mem, batched.batch_size, cap)
         rows.append(FitRow(card.name, card.memory_bytes, mem.limit_bytes, estimate(batched.batch_size).peak_bytes,

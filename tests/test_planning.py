@@ -164,12 +164,25 @@ def test_cards_that_share_estimates_predict_the_same():
     from memtrace.gpufit import _behaviour
 
     model = tiny_gpt2()
-    for a, b in (("H100", "B200"), ("A5000", "L4"), ("V100-32GB", "T4")):
+    for a, b, attention in (("H100", "B200", True), ("A5000", "L4", True), ("V100-32GB", "T4", False)):
         ca, cb = memtrace.GPUS[a.lower().replace("-", "")], memtrace.GPUS[b.lower()]
-        assert _behaviour(ca) == _behaviour(cb)
+        assert _behaviour(ca, attention) == _behaviour(cb, attention)
         ra, rb = (memtrace.report(model, inputs=token_batch(), amp="bf16", gpu=g) for g in (a, b))
         assert ra.peak_bytes == rb.peak_bytes and dict(ra.by_category) == dict(rb.by_category)
         assert [x.charged_bytes for x in ra.allocations] == [x.charged_bytes for x in rb.allocations]
+
+
+def test_fits_splits_cards_whose_attention_kernels_differ():
+    # fp16 attention with a mask and head dim 128 runs the memory-efficient kernel; an A100 (163 KiB of
+    # shared memory per block) and an RTX 4090 (99 KiB) launch different ones, so they may not share
+    from test_cuda_rules import Attention
+
+    model = Attention(2, 128, mask=True)
+    table = memtrace.fits(model, input_shape=(2, 256, 256), gpus=["A100-80GB", "RTX 4090"], amp="fp16",
+                          optimizer="sgd", cap=64)
+    singles = [memtrace.report(model, (2, 256, 256), amp="fp16", optimizer="sgd", gpu=g).peak_bytes
+               for g in ("A100-80GB", "RTX 4090")]
+    assert [r.peak_bytes for r in table.rows] == singles and singles[0] != singles[1]
 
 
 # ---- what-if ------------------------------------------------------------------------------------------------
