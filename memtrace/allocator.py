@@ -99,20 +99,17 @@ class CudaCachingAllocator:
         return self.EXPANDABLE_NAME if self.expandable_segments else self.name
 
     def replay(self, sequence) -> Charges:
-        if self.expandable_segments:
-            return self._replay_expandable(sequence)
         pools: dict[bool, list[tuple[int, int, _Block]]] = {True: [], False: []}
         blocks: dict[int, _Block] = {}
         charged: dict[int, int] = {}
         addresses: dict[int, int] = {}
         heads: list[tuple[_Block, int]] = []  # each segment's first block, and the record that reserved it
-        next_ptr = 0
-        reserved = reserved_peak = 0
+        grow = _ExpandableSegments(heads) if self.expandable_segments else _Segments(heads)
         for index, nbytes, is_alloc in sequence:
             if not is_alloc:
                 block = blocks.pop(index, None)
                 if block is not None:
-                    self._free(block, pools[block.small])
+                    grow.freed(self._free(block, pools[block.small]))
                 continue
             size = round_size(nbytes)
             if size == 0:
@@ -121,92 +118,22 @@ class CudaCachingAllocator:
             small = size <= SMALL_SIZE
             pool = pools[small]
             pos = bisect.bisect_left(pool, (size, -1))
-            if pos < len(pool):
-                block = pool.pop(pos)[2]
-            else:
-                seg = segment_size(size)
-                block = _Block(next_ptr, seg, small)
-                heads.append((block, index))
-                next_ptr += seg
-                reserved += seg
-                reserved_peak = max(reserved_peak, reserved)
+            block = pool.pop(pos)[2] if pos < len(pool) else grow(size, small, index, pool)
             remaining = block.size - size
-            if (remaining >= MIN_BLOCK) if small else (remaining > SMALL_SIZE):
+            # should_split: the large pool keeps remainders of up to 1 MiB in the block, unless it is expandable
+            if (remaining >= MIN_BLOCK) if (small or self.expandable_segments) else (remaining > SMALL_SIZE):
                 rest = _Block(block.ptr + size, remaining, small, prev=block, next=block.next)
                 if block.next is not None:
                     block.next.prev = rest
                 block.next = rest
                 block.size = size
                 bisect.insort(pool, (rest.size, rest.ptr, rest))
+                grow.freed(rest)
             block.free = False
             blocks[index] = block
             charged[index] = block.size
             addresses[index] = block.ptr
-        return Charges(charged, reserved_peak, addresses, _segments(heads, blocks))
-
-    def _replay_expandable(self, sequence) -> Charges:
-        pools: dict[bool, list[tuple[int, int, _Block]]] = {True: [], False: []}
-        tails: dict[bool, _Block | None] = {True: None, False: None}  # the block at each segment's end
-        mapped_bytes = {True: 0, False: 0}
-        base = {True: 0, False: 1 << 40}  # the two segments' address ranges never meet
-        blocks: dict[int, _Block] = {}
-        charged: dict[int, int] = {}
-        addresses: dict[int, int] = {}
-        mapped: dict[int, tuple[int, int]] = {}
-        heads: list[tuple[_Block, int]] = []
-        reserved_peak = 0
-        for index, nbytes, is_alloc in sequence:
-            if not is_alloc:
-                block = blocks.pop(index, None)
-                if block is not None:
-                    merged = self._free(block, pools[block.small])
-                    if merged.next is None:
-                        tails[block.small] = merged
-                continue
-            size = round_size(nbytes)
-            if size == 0:
-                charged[index] = 0
-                continue
-            small = size <= SMALL_SIZE
-            pool = pools[small]
-            pos = bisect.bisect_left(pool, (size, -1))
-            if pos < len(pool):
-                block = pool.pop(pos)[2]
-            else:  # map the pages the free block at the end (if any) lacks
-                tail = tails[small]
-                end_free = tail if tail is not None and tail.free else None
-                page = SMALL_BUFFER if small else LARGE_BUFFER
-                grow = -(-(size - (end_free.size if end_free else 0)) // page) * page
-                start = base[small] + mapped_bytes[small]
-                mapped_bytes[small] += grow
-                mapped[index] = (start, grow)
-                reserved_peak = max(reserved_peak, mapped_bytes[True] + mapped_bytes[False])
-                if end_free is not None:
-                    pool.remove((end_free.size, end_free.ptr, end_free))
-                    end_free.size += grow
-                    block = end_free
-                else:
-                    block = _Block(start, grow, small, prev=tail)
-                    if tail is None:
-                        heads.append((block, index))
-                    else:
-                        tail.next = block
-                    tails[small] = block
-            remaining = block.size - size
-            if remaining >= MIN_BLOCK:
-                rest = _Block(block.ptr + size, remaining, small, prev=block, next=block.next)
-                if block.next is not None:
-                    block.next.prev = rest
-                else:
-                    tails[small] = rest
-                block.next = rest
-                block.size = size
-                bisect.insort(pool, (rest.size, rest.ptr, rest))
-            block.free = False
-            blocks[index] = block
-            charged[index] = block.size
-            addresses[index] = block.ptr
-        return Charges(charged, reserved_peak, addresses, _segments(heads, blocks), mapped)
+        return Charges(charged, grow.reserved_peak, addresses, _segments(heads, blocks), grow.mapped)
 
     @staticmethod
     def _free(block: _Block, pool: list) -> _Block:
@@ -227,6 +154,62 @@ class CudaCachingAllocator:
                         neighbour.next.prev = block
         bisect.insort(pool, (block.size, block.ptr, block))
         return block
+
+
+class _Segments:
+    """Where a request no cached block fits comes from: a new segment (cudaMalloc) of ``segment_size``."""
+
+    def __init__(self, heads: list):
+        self.heads = heads
+        self.next_ptr = self.reserved = self.reserved_peak = 0
+        self.mapped: dict[int, tuple[int, int]] = {}
+
+    def __call__(self, size: int, small: bool, index: int, pool: list) -> _Block:
+        seg = segment_size(size)
+        block = _Block(self.next_ptr, seg, small)
+        self.heads.append((block, index))
+        self.next_ptr += seg
+        self.reserved += seg
+        self.reserved_peak = max(self.reserved_peak, self.reserved)
+        return block
+
+    def freed(self, block: _Block) -> None:
+        pass
+
+
+class _ExpandableSegments(_Segments):
+    """With expandable segments: the pool's one segment maps the pages the free block at its end lacks."""
+
+    def __init__(self, heads: list):
+        super().__init__(heads)
+        self.tails: dict[bool, _Block | None] = {True: None, False: None}  # the block at each segment's end
+        self.mapped_bytes = {True: 0, False: 0}
+        self.base = {True: 0, False: 1 << 40}  # the two segments' address ranges never meet
+
+    def __call__(self, size: int, small: bool, index: int, pool: list) -> _Block:
+        tail = self.tails[small]
+        end_free = tail if tail is not None and tail.free else None
+        page = SMALL_BUFFER if small else LARGE_BUFFER
+        grow = -(-(size - (end_free.size if end_free else 0)) // page) * page
+        start = self.base[small] + self.mapped_bytes[small]
+        self.mapped_bytes[small] += grow
+        self.mapped[index] = (start, grow)
+        self.reserved_peak = max(self.reserved_peak, sum(self.mapped_bytes.values()))
+        if end_free is not None:
+            pool.remove((end_free.size, end_free.ptr, end_free))
+            end_free.size += grow
+            return end_free
+        block = _Block(start, grow, small, prev=tail)
+        if tail is None:
+            self.heads.append((block, index))
+        else:
+            tail.next = block
+        self.tails[small] = block
+        return block
+
+    def freed(self, block: _Block) -> None:
+        if block.next is None:  # a free block at the end, after a free or a split
+            self.tails[block.small] = block
 
 
 def _segments(heads: list[tuple[_Block, int]], live: dict[int, _Block]) -> list[Segment]:
