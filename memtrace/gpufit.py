@@ -81,9 +81,11 @@ def fits(model: torch.nn.Module, sample_shape: Any = None, *, input_shape: Any =
     if str(options.get("device", "cuda")).startswith("cpu") or "gpu" in options:
         raise ValueError("fits() predicts a CUDA run on each card; leave out device= and gpu=")
     cards = list(_CATALOG) if gpus is None else [lookup(g) for g in gpus]
-    first = Estimates(model, batched, {**options, "gpu": cards[0]})
+    # the newest card runs every fused attention kernel an older one would
+    probe = max(cards, key=lambda card: card.capability)
+    first = Estimates(model, batched, {**options, "gpu": probe})
     attention = _runs_fused_attention(first(batched.batch_size))
-    shared: dict[tuple, Estimates] = {_behaviour(cards[0], attention): first}
+    shared: dict[tuple, Estimates] = {_behaviour(probe, attention): first}
     rows = []
     for card in cards:
         estimate = shared.setdefault(_behaviour(card, attention), Estimates(model, batched, {**options, "gpu": card}))

@@ -198,11 +198,11 @@ def _accumulation_lever(model, batched, options: Mapping[str, Any], mem, largest
 
     given, already = batched.batch_size, options.get("accumulation_steps", 1)
     k = math.ceil(given / largest)
-    for _ in range(tries):
+    for attempt in range(tries):
         micro = math.ceil(given / k)
         overrides = {"batch_size": micro, "accumulation_steps": already * k}
         r = report(model, **batched.at(micro), **{**options, "accumulation_steps": already * k})
-        if r.peak_bytes <= mem.limit_bytes or micro == 1:
+        if r.peak_bytes <= mem.limit_bytes or micro == 1 or attempt == tries - 1:
             note = "keeps the batch" if micro * k == given else f"batch {micro * k} per step"
             add(f"{k} × {micro} (gradient accumulation)", overrides, r, note)
             return
