@@ -151,9 +151,15 @@ def _attention_as_on_cuda(target, func, args, kwargs):
     backend = cuda_sdp_backend(q, k, v, mask, dropout_p, is_causal, gqa, target.gpu.capability)
     if backend == "flash":
         # the CPU flash kernel saves what CUDA's does: the output and logsumexp [B, H, L] in float32; like
-        # CUDA's it takes grouped-query key/value heads as they are, without repeating them
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, dropout_p, is_causal, scale=scale)[0]
+        # CUDA's it takes grouped-query key/value heads as they are, without repeating them. attention.cpp
+        # pads head dims to a multiple of 8 first (pad_last_dim<8>): the padded copies are what flash
+        # saves, and the output is a slice of a padded one.
+        head_dim = q.shape[-1]
+        if head_dim % 8:
+            q, k, v = (F.pad(t, (0, 8 - head_dim % 8)) for t in (q, k, v))
+            scale = scale if scale is not None else head_dim ** -0.5
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)[0]
+        return out[..., :head_dim] if head_dim % 8 else out
     if backend == "efficient":
         if mask is not None:
             if mask.dtype == torch.bool:  # attention.cpp, convert_boolean_attn_mask: a float bias is made

@@ -380,3 +380,18 @@ def test_flash_on_hopper_says_cudnn_attention_may_run_instead():
     a100 = attention_report_at(torch.bfloat16, 4, 64, 128, mask=False, gpu="A100")
     assert not any("cuDNN attention" in n for n in a100.notes)
     assert not any("cuDNN attention" in n for n in attention_report_at(torch.float32, 4, 64, 128).notes)
+
+
+def test_flash_pads_head_dims_to_a_multiple_of_8():
+    # attention.cpp: on CUDA, flash runs on copies of q, k and v padded from 60 to 64 (pad_last_dim<8>),
+    # which it saves for backward: three bf16 [2, 4, 128, 64] copies, and a padded output
+    r = memtrace.report(Attention(4, 60), (2, 128, 240), dtype=torch.bfloat16, optimizer="sgd", device="cuda",
+                        steps=1)
+    padded = [a for a in allocations_of(r, "aten.constant_pad_nd.default") if a.phase is Phase.FORWARD]
+    assert [a.requested_bytes for a in padded] == [2 * 4 * 128 * 64 * 2] * 3
+    assert all(a.category is Category.ACTIVATION for a in padded)
+    (out, _) = allocations_of(r, "aten._scaled_dot_product_flash_attention_for_cpu.default")
+    assert out.requested_bytes == 2 * 4 * 128 * 64 * 2
+    aligned = memtrace.report(Attention(4, 64), (2, 128, 256), dtype=torch.bfloat16, optimizer="sgd", device="cuda",
+                              steps=1)
+    assert not allocations_of(aligned, "aten.constant_pad_nd.default")
