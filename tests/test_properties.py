@@ -123,3 +123,20 @@ def test_caching_allocator_charges_are_bounded(events):
         else:
             assert c - rounded <= MiB  # an unsplit large block leaves at most 1 MiB unused
     assert charges.reserved_peak_bytes % (2 * MiB) == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(events=programs())
+def test_expandable_segments_charge_rounded_sizes_inside_what_is_mapped(events):
+    charges = CudaCachingAllocator(expandable_segments=True).replay(events)
+    live = 0
+    for i, n, is_alloc in events:
+        if is_alloc:
+            assert charges.charged[i] == round_size(n)  # blocks always split exactly
+        live += charges.charged[i] if is_alloc else -charges.charged[i]
+        assert live <= charges.reserved_peak_bytes
+    assert charges.reserved_peak_bytes % (2 * MiB) == 0  # pages are mapped whole
+    assert len(charges.segments) <= 2  # one per pool, grown in place
+    for seg in charges.segments:
+        mapped = sum(m for a, m in charges.mapped.values() if seg.address <= a < seg.address + seg.size)
+        assert sum(size for size, _ in seg.blocks) == seg.size == mapped

@@ -193,9 +193,10 @@ def test_a_large_request_gets_its_own_segment_after_the_small_one():
     assert charges.segments[1] == Segment(2 * MiB, 12 * MiB, False, 1, ((12 * MiB, None),))
 
 
+@pytest.mark.parametrize("expandable", [False, True], ids=["segments", "expandable"])
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 24 * MiB), st.integers(0, 50)), max_size=80))
-def test_live_blocks_never_overlap_and_stay_in_their_segments(steps):
+def test_live_blocks_never_overlap_and_stay_in_their_segments(expandable, steps):
     sequence, live = [], []
     for k, (alloc, size, pick) in enumerate(steps):
         if alloc or not live:
@@ -203,7 +204,7 @@ def test_live_blocks_never_overlap_and_stay_in_their_segments(steps):
             live.append(k)
         else:
             sequence.append((live.pop(pick % len(live)), 0, False))
-    model = CudaCachingAllocator()
+    model = CudaCachingAllocator(expandable_segments=expandable)
     charges = model.replay(sequence)
     for n in range(len(sequence) + 1):  # every prefix: the state after each event
         prefix = model.replay(sequence[:n])
