@@ -49,6 +49,7 @@ def report(
     gpu: Any = None,
     verify: bool = False,
     checkpoint: Any = None,
+    alloc_conf: str | None = None,
 ) -> Report:
     """Predict the peak allocated memory of ``steps`` training iterations of ``model``.
 
@@ -67,6 +68,9 @@ def report(
     the loss divided by k, the gradients summed in ``.grad``), so the gradients of earlier micro-batches
     are live while later ones run backward; the batch in the inputs is then one micro-batch.
 
+    ``alloc_conf="expandable_segments:True"`` predicts for those CUDA caching-allocator settings
+    (``PYTORCH_CUDA_ALLOC_CONF``'s syntax); by default the environment's are used.
+
     ``checkpoint="auto"`` traces the step with the model's repeated blocks (the children of an
     ``nn.ModuleList`` or ``nn.Sequential`` of same-typed modules) under non-reentrant activation
     checkpointing; a list of module names checkpoints those modules instead.
@@ -77,13 +81,16 @@ def report(
 
     if verify and checkpoint:
         raise ValueError("verify=True measures the step without checkpointing; give checkpoint=None to verify")
+    if verify and alloc_conf is not None:
+        raise ValueError("verify=True measures with this process's allocator settings; set PYTORCH_CUDA_ALLOC_CONF "
+                         "before CUDA starts instead of alloc_conf=")
     if verify and gpu is None and str(device).startswith("cuda"):
         gpu = present()  # checked against this machine's GPU: predict for that card
 
     options = parse_options(
         model, input_shape=input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
         amp=amp, dtype=dtype, loss_fn=loss_fn, device=device, steps=steps, accumulation_steps=accumulation_steps,
-        train=train, gpu=gpu, checkpoint=checkpoint,
+        train=train, gpu=gpu, checkpoint=checkpoint, alloc_conf=alloc_conf,
     )
     result = build_report(model, options, trace(model, options))
     if verify:

@@ -229,18 +229,18 @@ def _segments(heads: list[tuple[_Block, int]], live: dict[int, _Block]) -> list[
 ALLOC_CONF_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
-def cuda_allocator_from_environment(environ=os.environ) -> tuple[CudaCachingAllocator, tuple[str, ...]]:
-    """The caching-allocator model for the allocator settings a training process started from this
-    environment would use (``PYTORCH_ALLOC_CONF``, else ``PYTORCH_CUDA_ALLOC_CONF``), and notes on the
-    settings it does not model."""
-    for variable in ALLOC_CONF_VARIABLES:
-        conf = environ.get(variable)
-        if conf:
-            break
-    else:
-        return CudaCachingAllocator(), ()
+def cuda_allocator(alloc_conf: str | None = None, environ=os.environ) -> tuple[CudaCachingAllocator, tuple[str, ...]]:
+    """The caching-allocator model for ``alloc_conf`` (PYTORCH_CUDA_ALLOC_CONF's syntax), or when it is
+    None for the settings a training process started from this environment would use
+    (``PYTORCH_ALLOC_CONF``, else ``PYTORCH_CUDA_ALLOC_CONF``); and notes on the settings it does not model."""
+    source = "alloc_conf"
+    if alloc_conf is None:
+        source = next((v for v in ALLOC_CONF_VARIABLES if environ.get(v)), None)
+        if source is None:
+            return CudaCachingAllocator(), ()
+        alloc_conf = environ[source]
     expandable, ignored = False, []
-    for item in conf.split(","):
+    for item in alloc_conf.split(","):
         key, _, value = item.strip().partition(":")
         key, value = key.strip(), value.strip()
         if key == "expandable_segments":
@@ -249,7 +249,7 @@ def cuda_allocator_from_environment(environ=os.environ) -> tuple[CudaCachingAllo
             ignored.append(f"{key}:{value}")
     notes = ()
     if ignored:
-        notes = (f"{variable} sets {', '.join(ignored)}, which the caching-allocator model does not follow: "
+        notes = (f"{source} sets {', '.join(ignored)}, which the caching-allocator model does not follow: "
                  "the prediction is for PyTorch's default for "
                  f"{'that setting' if len(ignored) == 1 else 'those settings'}.",)
     return CudaCachingAllocator(expandable_segments=expandable), notes

@@ -256,7 +256,7 @@ def trace_callable(fn, options: Options) -> tuple[Trace, _BodySession]:
     """
     import warnings
 
-    target = target_for(options.device, options.gpu)
+    target = target_for(options.device, options.gpu, options.alloc_conf)
     tracker = _BodyTracker(target)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     # FakeTensorMode memoises each fresh output with a weak reference, and torch.utils.swap_tensors, which

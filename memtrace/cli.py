@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=_positive, default=2, help="training iterations to trace (default 2)")
     tr.add_argument("--accumulation-steps", type=_positive, default=1, metavar="K",
                     help="gradient accumulation: K micro-batches of --batch-size per optimizer step (default 1)")
+    tr.add_argument("--alloc-conf", metavar="CONF",
+                    help="CUDA caching-allocator settings to predict for, as in PYTORCH_CUDA_ALLOC_CONF "
+                         "(e.g. expandable_segments:True; default: the environment's)")
     tr.add_argument("--inference", action="store_true", help="forward only, no gradients or optimizer")
     tr.add_argument("--checkpoint", nargs="?", const="auto", metavar="NAMES",
                     help="activation checkpointing of the model's repeated blocks, or of the modules named "
@@ -360,6 +363,8 @@ def _predict(args, built) -> int:
                    dtype=args.dtype, device=args.device, steps=args.steps, train=not args.inference)
     if args.accumulation_steps != 1:
         options["accumulation_steps"] = args.accumulation_steps
+    if args.alloc_conf is not None:
+        options["alloc_conf"] = args.alloc_conf
     if args.checkpoint is not None:
         options["checkpoint"] = "auto" if args.checkpoint == "auto" else [
             n.strip() for n in args.checkpoint.split(",") if n.strip()]

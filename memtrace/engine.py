@@ -205,7 +205,7 @@ def _install_hooks(model, infos, tracker) -> list:
 
 
 def trace(model: torch.nn.Module, options: Options) -> Trace:
-    target = target_for(options.device, options.gpu)
+    target = target_for(options.device, options.gpu, options.alloc_conf)
     tracker = StorageTracker(target)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     phase_starts: list[tuple[Phase, int, int]] = []

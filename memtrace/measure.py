@@ -81,6 +81,9 @@ def measure_cuda(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurem
     if not torch.cuda.is_available():
         raise RuntimeError("memtrace.measure(device='cuda') needs a CUDA GPU, and torch.cuda.is_available() "
                            "is False here; report() predicts without one")
+    if kwargs.get("alloc_conf") is not None:
+        raise ValueError("measure() runs with this process's allocator settings; set PYTORCH_CUDA_ALLOC_CONF before "
+                         "CUDA starts instead of alloc_conf=")
     kwargs = {k: v for k, v in kwargs.items() if k != "gpu"}  # the card is the one present
     options: Options = parse_options(model, input_shape=input_shape, **{**kwargs, "device": "cuda"})
     dev = torch.device("cuda", torch.cuda.current_device())

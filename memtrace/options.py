@@ -90,6 +90,7 @@ class Options:
     train: bool = True
     gpu: GPU | None = None  # the card a CUDA run is predicted for
     checkpoint: tuple[str, ...] = ()  # modules whose forward runs under torch.utils.checkpoint
+    alloc_conf: str | None = None  # the CUDA allocator settings (PYTORCH_CUDA_ALLOC_CONF syntax); None: the environment's
 
     @property
     def amp_name(self) -> str:
@@ -184,6 +185,7 @@ def parse_options(
     train: Any = True,
     gpu: Any = None,
     checkpoint: Any = None,
+    alloc_conf: Any = None,
 ) -> Options:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model is a {type(model).__name__}, expected a torch.nn.Module")
@@ -208,6 +210,10 @@ def parse_options(
     dev = dev.split(":", 1)[0] if dev.split(":", 1)[-1].isdigit() else dev  # "cuda:1" predicts a CUDA run too
     if dev not in DEVICES:
         raise ValueError(f"device={device!r} is unknown; valid: {_choices(DEVICES)}")
+    if alloc_conf is not None and not isinstance(alloc_conf, str):
+        raise TypeError(f"alloc_conf={alloc_conf!r} must be a string like 'expandable_segments:True'")
+    if alloc_conf is not None and dev != "cuda":
+        raise ValueError(f"alloc_conf={alloc_conf!r} given with device={device!r}; it sets the CUDA caching allocator")
     if gpu is not None and dev != "cuda":
         raise ValueError(f"gpu={gpu!r} given with device={device!r}; gpu= names the card of a device='cuda' run")
     card = lookup(gpu if gpu is not None else DEFAULT_GPU) if dev == "cuda" else None
@@ -239,6 +245,7 @@ def parse_options(
         train=train,
         gpu=card,
         checkpoint=checkpointed,
+        alloc_conf=alloc_conf,
     )
 
 

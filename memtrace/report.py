@@ -180,6 +180,7 @@ def _settings(options: Options) -> dict[str, Any]:
         "train": options.train,
         "gpu": options.gpu.name if options.gpu else None,
         "checkpoint": list(options.checkpoint),
+        "alloc_conf": options.alloc_conf,
         "inputs": [
             {"key": s.key, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
             for s in options.inputs

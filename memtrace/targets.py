@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from .allocator import ExactAllocator, cuda_allocator_from_environment
+from .allocator import ExactAllocator, cuda_allocator
 from .autocast import autocast_dtype, cast, cuda_autocast
 from .cutlass_attention import efficient_backward_scratch, efficient_forward_accumulator_bytes
 from .gpus import DEFAULT_GPU, GPU, lookup
@@ -364,12 +364,12 @@ class Target:
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def target_for(device: str, gpu: GPU | None = None) -> Target:
+def target_for(device: str, gpu: GPU | None = None, alloc_conf: str | None = None) -> Target:
     if device == "cpu":
         return Target(name="cpu", rules=CPU_RULES, prepare_optimizer=_keep_optimizer_default,
                       host_resident=_nothing_on_host, allocator=ExactAllocator())
     gpu = gpu or lookup(DEFAULT_GPU)
-    allocator, allocator_notes = cuda_allocator_from_environment()
+    allocator, allocator_notes = cuda_allocator(alloc_conf)
     return Target(
         name="cuda",
         rules=CUDA_RULES,

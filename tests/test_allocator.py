@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from memtrace.allocator import (CudaCachingAllocator, ExactAllocator, cuda_allocator_from_environment, round_size,
-                               segment_size)
+from memtrace.allocator import CudaCachingAllocator, ExactAllocator, cuda_allocator, round_size, segment_size
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -228,14 +227,14 @@ def test_expandable_segment_merges_frees_into_its_end():
 ])
 def test_allocator_follows_the_environment(conf, expandable_, noted):
     env = {} if conf is None else {"PYTORCH_CUDA_ALLOC_CONF": conf}
-    allocator, notes = cuda_allocator_from_environment(env)
+    allocator, notes = cuda_allocator(environ=env)
     assert allocator.expandable_segments is expandable_
     assert (notes == ()) if noted is None else (noted in notes[0] and "PYTORCH_CUDA_ALLOC_CONF" in notes[0])
 
 
 def test_device_generic_variable_wins():
     env = {"PYTORCH_ALLOC_CONF": "expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}
-    assert cuda_allocator_from_environment(env)[0].expandable_segments
+    assert cuda_allocator(environ=env)[0].expandable_segments
 
 
 def test_exact_allocator_charges_requested_bytes():

@@ -322,3 +322,10 @@ def test_gradient_accumulation_flag(capsys, monkeypatch):
     expected = memtrace.report(make_mlp(), (3, 4), accumulation_steps=2)
     assert data["settings"]["accumulation_steps"] == 2 and data["peak_bytes"] == expected.peak_bytes
     assert "2 step(s) of 2 accumulated micro-batches" in expected.table()
+
+
+def test_alloc_conf_flag(capsys, monkeypatch):
+    data = run_in_process([MLP, "--input-shape", "3,4", "--alloc-conf", "expandable_segments:True"], capsys,
+                          monkeypatch)
+    assert data["allocator"] == "cuda-caching, expandable segments"
+    assert data["settings"]["alloc_conf"] == "expandable_segments:True"

@@ -234,3 +234,24 @@ def test_expandable_segments_from_the_environment(monkeypatch):
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     classic = memtrace.report(make_cnn(), (4, 3, 32, 32), optimizer="adam", device="cuda")
     assert classic.allocator == "cuda-caching" and classic.peak_bytes >= r.peak_bytes
+
+
+def test_alloc_conf_argument_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    classic = memtrace.report(make_cnn(), (4, 3, 32, 32), optimizer="adam", alloc_conf="")
+    assert classic.allocator == "cuda-caching" and classic.settings["alloc_conf"] == ""
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    r = memtrace.report(make_cnn(), (4, 3, 32, 32), optimizer="adam",
+                        alloc_conf="expandable_segments:True,max_split_size_mb:64")
+    assert r.allocator == CudaCachingAllocator.EXPANDABLE_NAME
+    assert any(n.startswith("alloc_conf sets max_split_size_mb:64") for n in r.notes)
+    table = memtrace.compare(make_cnn(), input_shape=(4, 3, 32, 32), optimizer="adam",
+                             variants=["fp32", ("expandable", {"alloc_conf": "expandable_segments:True"})])
+    assert table.rows[1].peak_bytes == memtrace.report(make_cnn(), (4, 3, 32, 32), optimizer="adam",
+                                                       alloc_conf="expandable_segments:True").peak_bytes
+    with pytest.raises(ValueError, match="sets the CUDA caching allocator"):
+        memtrace.report(make_cnn(), (4, 3, 32, 32), device="cpu", alloc_conf="expandable_segments:True")
+    with pytest.raises(TypeError, match="must be a string"):
+        memtrace.report(make_cnn(), (4, 3, 32, 32), alloc_conf=True)
+    with pytest.raises(ValueError, match="PYTORCH_CUDA_ALLOC_CONF before CUDA starts"):
+        memtrace.report(make_cnn(), (4, 3, 32, 32), alloc_conf="expandable_segments:True", verify=True)
