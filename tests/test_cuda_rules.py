@@ -395,3 +395,20 @@ def test_flash_pads_head_dims_to_a_multiple_of_8():
     aligned = memtrace.report(Attention(4, 64), (2, 128, 256), dtype=torch.bfloat16, optimizer="sgd", device="cuda",
                               steps=1)
     assert not allocations_of(aligned, "aten.constant_pad_nd.default")
+
+
+@pytest.mark.parametrize("gpu", ["H100", "A100-80GB", "RTX 4090", "T4"])
+@pytest.mark.parametrize("amp", [False, "fp16", "bf16"])
+def test_every_card_and_amp_mode_traces(gpu, amp):
+    # the rules that read the card (kernel lists, shared memory, cuBLAS, bf16 support) on a transformer
+    # with and without a padding mask, and on a CNN: each combination traces and adds up
+    from tiny_models import make_cnn, tiny_gpt2, token_batch
+
+    if gpu == "T4" and amp == "bf16":
+        pytest.skip("no bfloat16 autocast before sm80")
+    batch = token_batch()
+    masked = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+    for model, kwargs in ((tiny_gpt2(), {"inputs": batch}), (tiny_gpt2(), {"inputs": masked}),
+                          (make_cnn(), {"input_shape": (4, 3, 32, 32)})):
+        r = memtrace.report(model, **kwargs, amp=amp, gpu=gpu, optimizer="adamw")
+        assert r.peak_bytes > 0 and sum(r.by_category.values()) == r.peak_bytes
