@@ -118,7 +118,7 @@ def modelled_backend(dtype, heads, kv_heads, head_dim, length, mask, dropout, gp
 
 
 def modelled_scratch(backend, dtype, heads, kv_heads, head_dim, length, dropout, gpu) -> int | None:
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     if backend == "flash":
         s = flash_backward_scratch(BATCH, heads, length, head_dim, kv_heads, length, elem)
         return sum(s.values())

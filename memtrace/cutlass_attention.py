@@ -130,7 +130,7 @@ def efficient_backward_scratch(dtype: torch.dtype, capability: tuple[int, int], 
     """The scratch of the memory-efficient attention backward for queries [batch, heads, m, k], keys
     [.., n, k] and values [.., n, kv] on a GPU of ``capability``."""
     half = dtype in (torch.float16, torch.bfloat16)
-    elem_size = torch.empty((), dtype=dtype).element_size()
+    elem_size = dtype.itemsize
     large_shared_memory = _has_large_shared_memory(capability)
     head_dim = max(k, kv)
     candidates = []
