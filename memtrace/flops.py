@@ -7,15 +7,40 @@ decomposes ops it has no formula for, which would change the ops, and so the mem
 
 from __future__ import annotations
 
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop, sdpa_flop
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 import torch
 
+aten = torch.ops.aten
+
+
+def _heads_as_query(query_shape, *shapes):
+    """Grouped-query attention (``enable_gqa``) gives keys and values fewer heads than queries; every
+    query head still multiplies a whole key and value head. The formulas of older PyTorch releases (2.11
+    among them) assert equal heads, so the key/value shapes are given the query's head count."""
+    return [(*s[:1], query_shape[1], *s[2:]) for s in shapes]
+
+
+def _attention(query, key, value, *args, out_val=None, **kwargs) -> int:
+    q = tuple(query.shape)
+    return sdpa_flop_count(q, *_heads_as_query(q, tuple(key.shape), tuple(value.shape)))
+
+
+def _attention_backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    q = tuple(query.shape)
+    return sdpa_backward_flop_count(tuple(grad_out.shape), q, *_heads_as_query(q, tuple(key.shape),
+                                                                               tuple(value.shape)))
+
+
 _FORMULAS = dict(flop_registry)
-# The CUDA target runs flash attention through the CPU flash kernel (see targets.py); its cost is
-# flash attention's.
-_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = sdpa_flop
-_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = sdpa_backward_flop
+# The CUDA target runs flash attention through the CPU flash kernel (see targets.py); its cost is flash
+# attention's. Every fused attention op takes (query, key, value, ...) and its backward (grad_out, query,
+# key, value, ...).
+for _name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
+    for _op, _formula in ((_name, _attention), (_name + "_backward", _attention_backward)):
+        if hasattr(aten, _op):
+            _FORMULAS[getattr(aten, _op)] = _formula
 
 
 _UNKNOWN = object()

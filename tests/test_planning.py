@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 import memtrace
 from memtrace.options import Category, Phase, repeated_blocks
@@ -296,6 +297,31 @@ def test_flops_of_linears_are_exact():
     # input needs none): 2x its forward for a Linear inside a network
     assert r.flops[Phase.BACKWARD] == first + 2 * second
     assert r.flops_per_iteration == 2 * first + 3 * second  # one iteration, not the two traced
+
+
+class GroupedQueryAttention(nn.Module):
+    """4 query heads over 2 key/value heads of dim 8: attention alone, on a [B, 4, L, 8] query."""
+
+    def __init__(self):
+        super().__init__()
+        self.kv = nn.Parameter(torch.zeros(2, 2, 16, 8))
+
+    def forward(self, q):
+        k, v = self.kv.expand(q.shape[0], -1, -1, -1, -1).unbind(1)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+@pytest.mark.parametrize("device, backward_products", [("cpu", 5), ("cuda", 3)])
+def test_flops_of_grouped_query_attention_count_every_query_head(device, backward_products):
+    # B=2, 4 query heads, L=16 queries and keys, D=8: q @ k^T and p @ v, 2*B*H*L*L*D each (older PyTorch
+    # formulas rejected fewer key/value heads than query heads). Backward on the CPU is flash attention's,
+    # which recomputes the scores and makes dp, dv, dq and dk. A GPU runs grouped heads through the math
+    # backend (memory-efficient attention needs equal heads, flash a 16-bit dtype), whose backward makes
+    # only dp, dv and dk: the query, a model input, needs no gradient.
+    r = memtrace.report(GroupedQueryAttention(), (2, 4, 16, 8), optimizer="sgd", steps=1, device=device)
+    product = 2 * 2 * 4 * 16 * 16 * 8
+    assert r.flops[Phase.FORWARD] == 2 * product
+    assert r.flops[Phase.BACKWARD] == backward_products * product
 
 
 def test_epoch_arithmetic():
