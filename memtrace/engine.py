@@ -114,8 +114,42 @@ def _fake_copy(model: torch.nn.Module, options: Options, tracker: StorageTracker
         raise TraceError(f"cannot copy {type(model).__name__} to fake tensors: {exc}") from exc
 
 
+@contextlib.contextmanager
+def _innermost_saved_tensors_hooks():
+    """Yields a function that returns the (pack, unpack) saved-tensor hooks autograd applies now, the
+    innermost ones. PyTorch 2.5 has no call that reads them; there the hooks of the non-reentrant
+    checkpoint's recomputation (the only ones asked for) are noted as they are entered, while this runs."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is not None:
+        yield lambda: top(False)
+        return
+    from torch.utils import checkpoint
+    cls = checkpoint._recomputation_hook
+    entered: list[tuple] = []
+    own = {name: cls.__dict__.get(name) for name in ("__enter__", "__exit__")}
+    enter, leave = cls.__enter__, cls.__exit__
+
+    def noted_enter(self):
+        entered.append((self.pack_hook, self.unpack_hook))
+        return enter(self)
+
+    def noted_exit(self, *exc):
+        entered.pop()
+        return leave(self, *exc)
+
+    cls.__enter__, cls.__exit__ = noted_enter, noted_exit
+    try:
+        yield lambda: entered[-1]
+    finally:
+        for name, value in own.items():
+            if value is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, value)
+
+
 def _checkpoint_modules(model: torch.nn.Module, names: tuple[str, ...], tracker: StorageTracker,
-                        target: Target) -> None:
+                        target: Target, innermost_hooks) -> None:
     """Run the named modules of the fake copy under non-reentrant ``torch.utils.checkpoint``, as a user who
     wraps their blocks does: only each block's inputs are saved in forward, and backward recomputes the
     block. The tensors the recomputation saves for backward are activations too; the checkpoint's own
@@ -129,7 +163,7 @@ def _checkpoint_modules(model: torch.nn.Module, names: tuple[str, ...], tracker:
         def recompute_aware(*args, **kwargs):
             if tracker.where.phase is not Phase.BACKWARD:
                 return forward(*args, **kwargs)
-            inner_pack, inner_unpack = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            inner_pack, inner_unpack = innermost_hooks()
 
             def pack(t):
                 tracker.mark_saved(t)
@@ -148,9 +182,14 @@ def _checkpoint_modules(model: torch.nn.Module, names: tuple[str, ...], tracker:
         module = modules[name]
         if any(c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__):
             # a Hugging Face layer checkpoints itself as gradient_checkpointing_enable() makes it, dropping
-            # the key/value cache arguments that a recomputation would update a second time
-            module.gradient_checkpointing = True
-            module._gradient_checkpointing_func = lambda fn, *args, **kwargs: wrap(fn)(*args, **kwargs)
+            # the key/value cache arguments that a recomputation would update a second time. That call
+            # sets the flag on every module that has one: the models around the layer read it too, and
+            # some (GPT-2 in transformers 4.x) stop making and passing the cache only then.
+            path = name.split(".")
+            for owner in (modules[".".join(path[:i])] for i in range(len(path) + 1)):
+                if isinstance(getattr(owner, "gradient_checkpointing", None), bool):
+                    owner.gradient_checkpointing = True
+                    owner._gradient_checkpointing_func = lambda fn, *args, **kwargs: wrap(fn)(*args, **kwargs)
         else:
             module.forward = wrap(module.forward)
 
@@ -213,12 +252,12 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
     state_records: dict[str, list[StorageRecord]] = {}
     flops = tracker.flops = FlopCounter()
 
-    with preserved_rng(), _quiet_fake_tensor_log(), fake_mode, tracker:
+    with preserved_rng(), _quiet_fake_tensor_log(), fake_mode, tracker, _innermost_saved_tensors_hooks() as hooks:
         tracker.where = ModuleCall(Phase.SETUP, 0, None, "(setup)")
         phase_starts.append((Phase.SETUP, 0, 0))
         fake_model = _fake_copy(model, options, tracker)
         fake_model.train(options.train)
-        _checkpoint_modules(fake_model, options.checkpoint, tracker, target)
+        _checkpoint_modules(fake_model, options.checkpoint, tracker, target, hooks)
         infos = _module_infos(fake_model)
         params = {name: p for name, p in fake_model.named_parameters()}
         owner = {}
