@@ -293,6 +293,17 @@ def _efficient_backward_scratch(tracker, func, args, kwargs):
     return out
 
 
+@CUDA_RULES.op(torch.ops.aten.native_layer_norm.default)
+def _layer_norm_statistics_in_float32(tracker, func, args, kwargs):
+    # aten/src/ATen/native/cuda/layer_norm_kernel.cu, layer_norm_cuda: mean and rstd [M], kept for
+    # backward, are of the input's accumulate type, float32 for 16-bit inputs; the CPU kernel, which the
+    # fake run takes, makes them in the input's dtype (torch/_refs native_layer_norm says the same)
+    out, mean, rstd = func(*args, **kwargs)
+    if mean.dtype in (torch.float16, torch.bfloat16):
+        mean, rstd = torch.empty_like(mean, dtype=torch.float32), torch.empty_like(rstd, dtype=torch.float32)
+    return out, mean, rstd
+
+
 CUDNN_CONVOLUTION_NOTE = (
     "cuDNN convolution workspaces are not included: each convolution allocates a transient workspace whose "
     "size depends on the engine cuDNN's heuristics pick at run time, which the shapes do not decide. When it "

@@ -185,6 +185,15 @@ def test_rules_leave_the_mlp_alone():
     assert traced == [a.op for a in cpu.allocations]
 
 
+def test_half_layer_norm_keeps_float32_statistics_on_cuda():
+    # LayerNorm(32) on a bf16 [4, 32] input: the bf16 output (256 B), and mean and rstd [4] for backward,
+    # float32 on a GPU (16 B each) where the CPU kernel makes them bf16
+    model = nn.LayerNorm(32).to(torch.bfloat16)
+    r = memtrace.report(model, (4, 32), dtype=torch.bfloat16, optimizer="sgd", steps=1)
+    layer_norm = [a.requested_bytes for a in r.allocations if a.op == "aten.native_layer_norm.default"]
+    assert layer_norm == [256, 16, 16]
+
+
 @pytest.mark.parametrize("gpu, expected", [
     ("H100", 4096 * 8 * 1024),  # ":4096:8" on compute capability 9.x and newer: 32 MiB
     ("RTX 5090", 4096 * 8 * 1024),
