@@ -4,6 +4,7 @@ it builds its own model, optimizer and tensors under the same fake-tensor tracin
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -36,7 +37,9 @@ class _BodyTracker(StorageTracker):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-_AUTOCAST_WARNING = "Disabling autocast"  # torch.amp.autocast_mode: CUDA autocast without CUDA turns itself off
+# torch/amp/autocast_mode.py: CUDA autocast without CUDA turns itself off with a warning, "User provided
+# device_type of 'cuda', but CUDA is not available. Disabling" (PyTorch 2.5) or "... Disabling autocast."
+_AUTOCAST_WARNINGS = ("Disabling autocast", "User provided device_type of 'cuda'")
 
 
 def _off_cuda(value):
@@ -65,13 +68,27 @@ class _BodyMode(TorchFunctionMode):
             raise TraceError(_AUTOCAST_MESSAGE)
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
-        if func is torch.Tensor.backward or func is torch.autograd.backward:
+        if func is torch.Tensor.backward or func is _AUTOGRAD_BACKWARD:
             return self.session.backward(func, args, kwargs)
         if "device" in kwargs:
             kwargs = {**kwargs, "device": _off_cuda(kwargs["device"])}
         if func is torch.Tensor.to:
             args = tuple(_off_cuda(a) for a in args)
         return func(*args, **kwargs)
+
+
+_AUTOGRAD_BACKWARD = torch.autograd.backward
+
+
+@contextlib.contextmanager
+def _autograd_backward_seen(session: _BodySession):
+    """``torch.autograd.backward`` reaches torch-function modes only in newer PyTorch (2.5 calls the engine
+    directly); while the body runs it is wrapped, so that a direct call marks the backward phase too."""
+    torch.autograd.backward = lambda *args, **kwargs: session.backward(_AUTOGRAD_BACKWARD, args, kwargs)
+    try:
+        yield
+    finally:
+        torch.autograd.backward = _AUTOGRAD_BACKWARD
 
 
 _AUTOCAST_MESSAGE = (
@@ -99,6 +116,7 @@ class _BodySession:
         self.state_records: dict[str, list[StorageRecord]] = {}
         self.param_names: dict[int, str] = {}  # id of a named module's parameter -> "module.param"
         self.param_count = self.trainable_count = 0  # the most parameters alive at once
+        self.in_backward = False
         tracker.where = ModuleCall(Phase.SETUP, 0, None, _BODY)
 
     # ---- phases --------------------------------------------------------------------------------
@@ -111,9 +129,15 @@ class _BodySession:
         self.tracker.where = ModuleCall(phase, self.iteration, None, label or _BODY)
 
     def backward(self, func, args, kwargs):
+        if self.in_backward:  # Tensor.backward calls torch.autograd.backward: one backward, seen twice
+            return func(*args, **kwargs)
         self.mark()
         self.set_phase(Phase.BACKWARD, "(backward)")
-        out = func(*args, **kwargs)
+        self.in_backward = True
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.in_backward = False
         self.mark()
         self.set_phase(Phase.OPTIMIZER)  # what follows backward (clipping, the step) until the next forward
         return out
@@ -279,8 +303,8 @@ def trace_callable(fn, options: Options) -> tuple[Trace, _BodySession]:
                 optimizer_hooks.register_optimizer_step_post_hook(session.after_step),
             ]
             rules = FunctionRules.for_target(target, tracker.note)
-            with fake_mode, tracker, rules, _BodyMode(session), torch.autograd.graph.saved_tensors_hooks(
-                    lambda t: (tracker.mark_saved(t), t)[1], lambda t: t):
+            with fake_mode, tracker, rules, _BodyMode(session), _autograd_backward_seen(session), \
+                    torch.autograd.graph.saved_tensors_hooks(lambda t: (tracker.mark_saved(t), t)[1], lambda t: t):
                 try:
                     fn()
                     session.mark()
@@ -292,7 +316,7 @@ def trace_callable(fn, options: Options) -> tuple[Trace, _BodySession]:
             for h in handles:
                 h.remove()
     for w in caught:
-        if _AUTOCAST_WARNING in str(w.message):
+        if any(text in str(w.message) for text in _AUTOCAST_WARNINGS):
             raise TraceError(_AUTOCAST_MESSAGE)
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     new_position = tracker.fuse_accumulations()
