@@ -18,7 +18,7 @@ from tiny_models import HF_MODELS, LSTMNet, token_batch
 tvm = pytest.importorskip("torchvision.models")
 
 
-def check_consistent(r: memtrace.Report, model: nn.Module, *, optimizer_state: bool = True) -> None:
+def check_consistent(r: memtrace.Report, model: nn.Module, *, optimizer_state: bool = True, assumed=()) -> None:
     unique = {id(p): p for p in model.parameters()}.values()
     assert r.param_count == sum(p.numel() for p in unique)
     assert sum(r.by_category.values()) == r.peak_bytes > 0
@@ -40,7 +40,7 @@ def check_consistent(r: memtrace.Report, model: nn.Module, *, optimizer_state: b
             parent = rows[row.name.rpartition(".")[0]]
             for col in ("params", "param_bytes", "gradient_bytes", "optimizer_state_bytes", "activation_bytes"):
                 assert getattr(parent, col) >= getattr(row, col), (parent.name, row.name, col)
-    assert r.assumptions == ()
+    assert len(r.assumptions) == len(assumed) and all(a in text for a, text in zip(assumed, r.assumptions))
 
 
 # ---- torchvision: built on the meta device (full-size weights cost nothing to trace) -------------------
@@ -92,9 +92,13 @@ def test_meta_and_real_torchvision_models_give_the_same_report():
 @pytest.mark.parametrize("name", list(HF_MODELS))
 def test_hugging_face(name, device):
     pytest.importorskip("transformers")
+    import transformers
     model = HF_MODELS[name]()
     r = memtrace.report(model, inputs=token_batch(), device=device)
-    check_consistent(r, model)
+    # transformers 4.x's BERT drops an all-ones attention mask after asking torch.all(mask == 1), which fake
+    # tensors cannot answer: the report says what it assumed
+    old_bert = name == "bert" and int(transformers.__version__.split(".")[0]) < 5
+    check_consistent(r, model, assumed=("in module 'bert' needs a data-dependent value",) if old_bert else ())
     assert r.settings["inputs"] == [{"key": "input_ids", "shape": [2, 32], "dtype": "int64"},
                                     {"key": "labels", "shape": [2, 32], "dtype": "int64"}]
     assert r.by_category[Category.INPUT] > 0
