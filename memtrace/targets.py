@@ -122,8 +122,14 @@ def cuda_sdp_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa=False,
     head_dim = q.shape[-1]
     same_heads = q.shape[1] == k.shape[1] == v.shape[1]
     half = q.dtype in (torch.float16, torch.bfloat16)
+    # check_requires_grad_and_head_dim_gt192_constraints_on_sm86_89_or_120: flash's backward cannot run
+    # head dims in (192, 224], or over 224 with dropout, on sm86-sm89 and sm120-sm121
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    no_wide_backward = (8, 6) <= capability <= (8, 9) or (12, 0) <= capability <= (12, 1)
+    wide_head_unsupported = training and no_wide_backward and (
+        192 < head_dim <= 224 or (head_dim > 224 and dropout_p > 0))
     if (half and attn_mask is None and head_dim == k.shape[-1] == v.shape[-1] and head_dim <= 256
-            and capability >= (8, 0) and (same_heads or enable_gqa)
+            and capability >= (8, 0) and (same_heads or enable_gqa) and not wide_head_unsupported
             and not (is_causal and q.shape[2] != k.shape[2])):
         return "flash"
     alignment = 8 if half else 4  # 16-byte aligned rows

@@ -135,6 +135,22 @@ def test_backend_choice(dtype, head_dim, mask, expected):
     assert cuda_sdp_backend(q, q, q, m, 0.0, False) == expected
 
 
+@pytest.mark.parametrize("capability, head_dim, dropout, requires_grad, expected", [
+    ((8, 9), 200, 0.0, True, "efficient"),  # flash's backward takes no head dim in (192, 224] on sm86-89
+    ((12, 0), 224, 0.0, True, "efficient"),  # nor on sm120-121
+    ((8, 6), 256, 0.1, True, "efficient"),  # nor over 224 with dropout
+    ((8, 6), 256, 0.0, True, "flash"),
+    ((8, 9), 200, 0.0, False, "flash"),  # inference: no backward
+    ((8, 0), 200, 0.0, True, "flash"),
+    ((9, 0), 256, 0.1, True, "flash"),
+])
+def test_wide_heads_leave_flash_on_consumer_cards_when_training(capability, head_dim, dropout, requires_grad,
+                                                                expected):
+    with torch.device("meta"):
+        q = torch.empty(2, 4, 16, head_dim, dtype=torch.bfloat16, requires_grad=requires_grad)
+    assert cuda_sdp_backend(q, q, q, None, dropout, False, capability=capability) == expected
+
+
 def test_no_flash_before_ampere():
     with torch.device("meta"):
         q = torch.empty(2, 4, 16, 64, dtype=torch.float16)
