@@ -14,11 +14,7 @@ MiB = 2**20
 # predicted allocated peak may reach (``GPU.usable_bytes``); both can be overridden per call.
 # - The CUDA context and the kernels of the CUDA libraries it loads live outside PyTorch's allocator
 #   (nvidia-smi shows them; max_memory_allocated does not): a few hundred MiB with lazy module loading,
-#   over 1 GiB without it. The allowance also covers the memory the driver never hands out: the total that
-#   PyTorch reports (``get_device_properties().total_memory``, quoted in its out-of-memory messages) is
-#   below the nominal size, e.g. 79.15-79.25 GiB on 80 GB A100s and H100s and 23.61-23.68 GiB on an RTX 4090
-#   in messages users posted. On a T4 it is 14.75 GiB (hpcaitech/Open-Sora#697), 1.25 GiB under the 16 GiB
-#   listed here, so on that card the context is covered only together with the fragmentation share.
+#   over 1 GiB without it.
 CONTEXT_ALLOWANCE_BYTES = 1 * GiB
 # - The caching allocator reserves whole segments, so reserved memory exceeds the allocated peak; the
 #   share of the remaining memory kept for that gap.
@@ -28,7 +24,7 @@ FRAGMENTATION_ALLOWANCE = 0.05
 @dataclass(frozen=True)
 class GPU:
     name: str
-    memory_bytes: int  # nominal size of the card's memory
+    memory_bytes: int  # the memory PyTorch reports (get_device_properties().total_memory)
     capability: tuple[int, int]
 
     def usable_bytes(self, context_bytes: int = CONTEXT_ALLOWANCE_BYTES,
@@ -68,22 +64,27 @@ class GPU:
         return (4096 * 2 + 16 * 8) * 1024
 
 
+# Memory is what PyTorch reports on the card, get_device_properties().total_memory, which its
+# out-of-memory messages quote as "total capacity": less than the nominal size, since the driver keeps
+# some, and a few MiB lower or higher with the driver version and ECC. These are the lowest values seen on
+# Linux in logs users published (PyTorch's _CudaDeviceProperties, deviceQuery, Ultralytics' device line).
+# For the H100 it is the PCIe part's; the SXM part reports 81,079-81,105 MiB.
 _CATALOG = [
-    GPU("H100", 80 * GiB, (9, 0)),
-    GPU("H200", 141 * GiB, (9, 0)),
-    GPU("B200", 180 * GiB, (10, 0)),
-    GPU("A100-80GB", 80 * GiB, (8, 0)),
-    GPU("A100-40GB", 40 * GiB, (8, 0)),
-    GPU("L40S", 48 * GiB, (8, 9)),
-    GPU("L4", 24 * GiB, (8, 9)),
-    GPU("A10G", 24 * GiB, (8, 6)),
-    GPU("A6000", 48 * GiB, (8, 6)),
-    GPU("A5000", 24 * GiB, (8, 6)),
-    GPU("RTX 5090", 32 * GiB, (12, 0)),
-    GPU("RTX 4090", 24 * GiB, (8, 9)),
-    GPU("RTX 3090", 24 * GiB, (8, 6)),
-    GPU("V100-32GB", 32 * GiB, (7, 0)),
-    GPU("T4", 16 * GiB, (7, 5)),
+    GPU("H100", 81_008 * MiB, (9, 0)),
+    GPU("H200", 143_156 * MiB, (9, 0)),
+    GPU("B200", 182_631 * MiB, (10, 0)),
+    GPU("A100-80GB", 81_037 * MiB, (8, 0)),
+    GPU("A100-40GB", 40_326 * MiB, (8, 0)),
+    GPU("L40S", 45_372 * MiB, (8, 9)),
+    GPU("L4", 22_518 * MiB, (8, 9)),
+    GPU("A10G", 22_587 * MiB, (8, 6)),
+    GPU("A6000", 48_676 * MiB, (8, 6)),
+    GPU("A5000", 24_114 * MiB, (8, 6)),
+    GPU("RTX 5090", 32_101 * MiB, (12, 0)),
+    GPU("RTX 4090", 24_080 * MiB, (8, 9)),
+    GPU("RTX 3090", 24_124 * MiB, (8, 6)),
+    GPU("V100-32GB", 32_480 * MiB, (7, 0)),
+    GPU("T4", 14_912 * MiB, (7, 5)),
 ]
 DEFAULT_GPU = "H100"
 
