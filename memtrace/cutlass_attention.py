@@ -40,8 +40,10 @@ class BackwardKernel:
 
 
 _K = BackwardKernel
-# dispatch_cutlassB_{f16,bf16,f32}_sm80 (also used on sm90), without and with dropout. The seqaligned
-# variants PyTorch lists first have the same tiles, so the same scratch.
+# dispatch_cutlassB_{f16,bf16,f32}_sm80, without and with dropout: every GPU from sm80 on. The seqaligned
+# variants PyTorch lists first have the same tiles, so the same scratch. For sm100 and sm120 this was read
+# off PyTorch's own wheels (2.8 to 2.14, with cuobjdump): their sm_100 and sm_120 code holds the sm80
+# kernels compiled in full, and only the sm50-sm75 ones as stubs that print "FATAL: kernel ... is for".
 _HALF_SM80 = (_K(64, 64, 32), _K(64, 64, 64), _K(128, 64, 96, only_on=((8, 6), (8, 9))),
               _K(128, 128, 128, wide=True), _K(64, 64, 128), _K(128, 64, 65536, wide=True), _K(64, 64, 65536))
 _HALF_SM80_DROPOUT = tuple(k for k in _HALF_SM80 if not k.only_on)

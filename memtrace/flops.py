@@ -32,6 +32,15 @@ def _attention_backward(grad_out, query, key, value, *args, out_val=None, **kwar
                                                                                tuple(value.shape)))
 
 
+def _grouped_mm(mat_a, mat_b, *args, out_val=None, **kwargs) -> int:
+    """torch._grouped_mm (mixture-of-experts layers), which PyTorch's registry has no formula for: every
+    output element is a dot product over the contraction dimension, except for 2-D x 2-D (the weight
+    gradient), where each group's [K, N] block sums over that group's rows only, all rows once in total."""
+    if mat_a.dim() == 2 and mat_b.dim() == 2:
+        return 2 * mat_a.shape[0] * mat_a.shape[1] * mat_b.shape[1]
+    return 2 * out_val.numel() * mat_a.shape[-1]
+
+
 _FORMULAS = dict(flop_registry)
 # The CUDA target runs flash attention through the CPU flash kernel (see targets.py); its cost is flash
 # attention's. Every fused attention op takes (query, key, value, ...) and its backward (grad_out, query,
@@ -41,6 +50,8 @@ for _name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_produc
     for _op, _formula in ((_name, _attention), (_name + "_backward", _attention_backward)):
         if hasattr(aten, _op):
             _FORMULAS[getattr(aten, _op)] = _formula
+if hasattr(aten, "_grouped_mm"):  # PyTorch 2.8 and later
+    _FORMULAS[aten._grouped_mm] = _grouped_mm
 
 
 _UNKNOWN = object()

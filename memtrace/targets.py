@@ -331,6 +331,68 @@ CUDA_RULES.note_on(
     torch._VF.lstm, torch._VF.gru, torch._VF.rnn_tanh, torch._VF.rnn_relu)
 
 
+def _grouped_mm_output(mat_a, mat_b, offs, out_dtype: torch.dtype) -> torch.Tensor:
+    """aten/src/ATen/native/GroupedMMUtils.h, create_grouped_gemm_output_tensor: [rows of a, columns of b]
+    for 2-D x 3-D, one [rows, columns] block per group for 2-D x 2-D (the weight gradient), with the last
+    dimension's stride padded to 16 bytes."""
+    a_2d, b_2d = mat_a.dim() == 2, mat_b.dim() == 2
+    if a_2d and b_2d:
+        size = (offs.shape[0], mat_a.shape[0], mat_b.shape[1])
+    elif a_2d:
+        size = (mat_a.shape[0], mat_b.shape[-1])
+    elif b_2d:
+        size = (mat_a.shape[1], mat_b.shape[1])
+    else:
+        size = (mat_a.shape[0], mat_a.shape[1], mat_b.shape[-1])
+    alignment = 16 // out_dtype.itemsize
+    padded = -(-size[-1] // alignment) * alignment
+    stride = (padded, 1) if a_2d != b_2d else (size[1] * padded, padded, 1)
+    return torch.empty_strided(size, stride, dtype=out_dtype, device=mat_a.device)
+
+
+def _grouped_mm_in_any_dtype(tracker, func, args, kwargs):
+    # PyTorch's fake kernel for _grouped_mm (_meta_registrations.py, _meta_grouped_mm_common) checks the
+    # dtypes of the CUDA bf16 fast path, but the CPU and CUDA kernels take float32 and float16 too
+    # (_grouped_mm_validate_inputs) and run them through _grouped_mm_fallback: a loop of mm_out into
+    # slices of the output, the only allocation. Hugging Face's mixture-of-experts layers call it in the
+    # weights' dtype, float32 unless the model is cast.
+    mat_a, mat_b = args[0], args[1]
+    if mat_a.dtype == torch.bfloat16 and mat_b.dtype == torch.bfloat16:
+        return func(*args, **kwargs)
+    offs = args[2] if len(args) > 2 else kwargs.get("offs")
+    out_dtype = (args[4] if len(args) > 4 else kwargs.get("out_dtype")) or mat_a.dtype
+    if mat_a.dtype != mat_b.dtype or mat_a.dtype not in (torch.float32, torch.float16):
+        raise RuntimeError(f"_grouped_mm: expected float32, bfloat16 or float16 matrices of one dtype, got "
+                           f"{mat_a.dtype} and {mat_b.dtype}")
+    if (mat_a.dim() == 3 or mat_b.dim() == 3) and mat_a.shape[-1] != mat_b.shape[-2]:
+        raise RuntimeError("_grouped_mm: contraction dimension of mat_a and mat_b must match")
+    for mat in (mat_a, mat_b):
+        _check_grouped_mm_strides(mat)
+    return _grouped_mm_output(mat_a, mat_b, offs, out_dtype)
+
+
+def _check_grouped_mm_strides(mat) -> None:
+    # GroupedMMUtils.h, check_valid_strides_and_return_transposed: row- or column-major in the last two
+    # dimensions, the other stride a multiple of 16 bytes
+    rows, cols = mat.shape[-2:]
+    row_stride, col_stride = mat.stride()[-2:]
+    alignment = 16 // mat.element_size()
+    if row_stride == 1 and col_stride >= max(1, rows):
+        ok = col_stride % alignment == 0
+    elif col_stride == 1 and row_stride >= max(1, cols):
+        ok = row_stride % alignment == 0
+    else:
+        raise RuntimeError(f"_grouped_mm: invalid strides/sizes, got {mat.stride()} for strides and "
+                           f"{tuple(mat.shape)} for sizes")
+    if not ok:
+        raise RuntimeError("_grouped_mm: strides should be multiple of 16 bytes")
+
+
+if hasattr(torch.ops.aten, "_grouped_mm"):  # PyTorch 2.8 and later
+    for _rules in (CPU_RULES, CUDA_RULES):
+        _rules.op(torch.ops.aten._grouped_mm.default)(_grouped_mm_in_any_dtype)
+
+
 _GEMMS = [getattr(torch.ops.aten, name).default for name in (
     "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "_addmm_activation")]
 

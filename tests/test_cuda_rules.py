@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import memtrace
-from memtrace import Category, Phase
+from memtrace import Category, Phase, TraceError
 from memtrace.targets import cuda_sdp_backend
 
 from tiny_models import make_mlp
@@ -199,6 +199,35 @@ def test_rules_leave_the_mlp_alone():
     cpu = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", device="cpu")
     traced = [a.op for a in cuda.allocations if a.category is not Category.WORKSPACE]
     assert traced == [a.op for a in cpu.allocations]
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is new in PyTorch 2.8")
+@pytest.mark.parametrize("kwargs", [{}, {"amp": "bf16"}, {"dtype": torch.bfloat16}], ids=["fp32", "amp", "bf16"])
+def test_mixture_of_experts_traces_in_every_precision(kwargs):
+    # Hugging Face's mixture-of-experts layers call torch._grouped_mm in the weights' dtype, float32 under
+    # AMP too; PyTorch's fake kernel refuses all but bf16, the GPU's runs float32 through a loop of mm
+    from tiny_models import tiny_mixtral, token_batch
+
+    model = tiny_mixtral()
+    if getattr(model.config, "_experts_implementation", None) != "grouped_mm":
+        pytest.skip("this transformers routes tokens to experts through data-dependent shapes (nonzero)")
+    r = memtrace.report(model, inputs=token_batch(), optimizer="adamw", **kwargs)
+    # 2 x 32 tokens, each to 2 of 4 experts: 128 rows through the [128, 64] -> [128, 256] gate/up projection
+    width = 2 if kwargs.get("dtype") else 4
+    grouped = [a.requested_bytes for a in r.allocations if a.op == "aten._grouped_mm.default"]
+    assert grouped[0] == 128 * 256 * width
+
+
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is new in PyTorch 2.8")
+def test_grouped_mm_output_rows_are_padded_to_16_bytes():
+    # [12, 10] float32 output: rows of 12 floats (48 B), the last one 10: 568 B; a misaligned weight is
+    # refused as the GPU kernel refuses it
+    from tiny_models import GroupedExperts
+
+    r = memtrace.report(GroupedExperts(10), (12, 8), train=False, steps=1)
+    assert [a.requested_bytes for a in r.allocations if a.op == "aten._grouped_mm.default"] == [568]
+    with pytest.raises(TraceError, match="multiple of 16 bytes"):
+        memtrace.report(GroupedExperts(10), (12, 8))  # backward: grad_out [12, 10] has 40-byte rows
 
 
 def test_half_layer_norm_keeps_float32_statistics_on_cuda():

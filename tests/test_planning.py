@@ -299,6 +299,16 @@ def test_flops_of_linears_are_exact():
     assert r.flops_per_iteration == 2 * first + 3 * second  # one iteration, not the two traced
 
 
+@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm is new in PyTorch 2.8")
+def test_flops_of_grouped_mm_count_each_row_once():
+    # 12 rows of 8 through their experts' [8, 12] weights: 2 * 12 * 8 * 12 forward; backward makes only the
+    # weight gradient (the input needs none), each expert's from its own rows: the same count
+    from tiny_models import GroupedExperts
+
+    r = memtrace.report(GroupedExperts(12), (12, 8), optimizer="sgd", steps=1)
+    assert r.flops[Phase.FORWARD] == r.flops[Phase.BACKWARD] == 2 * 12 * 8 * 12
+
+
 class GroupedQueryAttention(nn.Module):
     """4 query heads over 2 key/value heads of dim 8: attention alone, on a [B, 4, L, 8] query."""
 

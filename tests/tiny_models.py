@@ -66,6 +66,31 @@ def tiny_t5():
                                                pad_token_id=0, eos_token_id=1))
 
 
+def tiny_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                                            num_local_experts=4, num_experts_per_tok=2,
+                                            max_position_embeddings=64, bos_token_id=0, eos_token_id=0))
+
+
+class GroupedExperts(nn.Module):
+    """Three experts' [n, 8] weights applied to the rows 0-3, 4-5 and 6-11 of a [12, 8] input in one
+    torch._grouped_mm call, with the weights transposed as Hugging Face's mixture-of-experts layers keep
+    them (PyTorch 2.8 and later)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(3, n, 8))
+
+    def forward(self, x):
+        offs = torch.tensor([4, 6, 12], dtype=torch.int32)
+        return torch._grouped_mm(x, self.w.transpose(-2, -1), offs=offs)
+
+
 class LSTMNet(nn.Module):
     def __init__(self):
         super().__init__()
