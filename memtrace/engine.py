@@ -359,6 +359,11 @@ def _explain(exc: Exception, tracker: StorageTracker) -> Exception:
     hint = ""
     if type(exc).__name__ == "DynamicOutputShapeException":
         hint = " (its output shape depends on tensor values, which fake tensors do not have)"
+        if "expert" in place.lower():
+            # a mixture-of-experts layer that gathers each expert's tokens with nonzero / where
+            hint += ("; this layer picks each expert's tokens by value, so its memory cannot be predicted. In "
+                     "transformers, config._experts_implementation 'grouped_mm' (the default in transformers 5) "
+                     "or 'batched_mm' runs the experts on fixed shapes, which trace")
     return TraceError(
         f"{where.phase.value} of iteration {where.iteration} failed in {place} at op {op}{hint}: "
         f"{type(exc).__name__}: {first_line}"

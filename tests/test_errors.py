@@ -147,6 +147,30 @@ def test_error_in_a_nested_module_names_the_dotted_path():
     assert "'1.1'" in msg and "[3, 8]" in msg
 
 
+class ValueRoutedExperts(nn.Module):
+    """A mixture-of-experts layer that gathers each expert's tokens with nonzero, as transformers' eager
+    experts do."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(4, 2)
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        choice = self.router(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            rows = (choice == i).nonzero().squeeze(-1)
+            out = out.index_add(0, rows, expert(x[rows]))
+        return out
+
+
+def test_value_routed_experts_say_why_and_what_traces():
+    msg = one_line(error_of(lambda: memtrace.report(ValueRoutedExperts(), (8, 4))))
+    assert "nonzero" in msg and "depends on tensor values" in msg
+    assert "picks each expert's tokens by value" in msg and "'grouped_mm'" in msg
+
+
 def test_failed_trace_leaves_no_mode_behind():
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(6, 2))
     with pytest.raises(TraceError):
