@@ -111,6 +111,62 @@ def _fused_dropout(target, func, args, kwargs):
     return torch.native_dropout(x, p, True)[0]
 
 
+def _rms_norm_signature(input, normalized_shape, weight=None, eps=None):
+    """F.rms_norm's and torch.rms_norm's parameters."""
+
+
+class _FusedRmsNorm(torch.autograd.Function):
+    """aten::_fused_rms_norm as CUDA runs it (layer_norm_kernel.cu): one kernel writes the output, in the
+    input's dtype, and rstd, float32 for 16- and 32-bit inputs, of the rows' shape; autograd keeps the
+    input, rstd and the weight (derivatives.yaml), and the backward kernel writes the input's and the
+    weight's gradients. On the CPU the same op decomposes above autograd (pow, mean, rsqrt, mul), which
+    keeps the normalised input too."""
+
+    @staticmethod
+    def forward(ctx, x, weight, shape, eps):
+        # below autograd the op reaches the tracer whole: its CPU decomposition then runs inside the fake
+        # mode, where only its outputs are seen
+        with torch._C._AutoDispatchBelowAutograd():
+            out, rstd = torch.ops.aten._fused_rms_norm(x, shape, weight, eps)
+        ctx.shape = shape
+        ctx.save_for_backward(x, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1]]
+        with torch._C._AutoDispatchBelowAutograd():
+            grad_x, grad_w = torch.ops.aten._fused_rms_norm_backward(grad, x, ctx.shape, rstd, weight, mask)
+        return grad_x, grad_w, None, None
+
+
+# The CUDA library has _fused_rms_norm from PyTorch 2.9 on (2.8's has no such kernel); before it, CUDA ran
+# the same composite as the CPU.
+_CUDA_FUSES_RMS_NORM = torch.__version__ >= "2.9"
+
+
+def _fused_rms_norm_as_on_cuda(target, func, args, kwargs):
+    # layer_norm.cpp, rms_norm_symint: a dense, non-complex input whose weight has its dtype runs
+    # _fused_rms_norm, which has a CUDA kernel; other inputs take the composite
+    a = _arguments(_rms_norm_signature, args, kwargs)
+    x, weight, shape = a["input"], a["weight"], a["normalized_shape"]
+    if autocast_dtype() is not None:
+        # CUDA autocast runs rms_norm in float32 (autocast_mode.cpp, KERNEL_CUDA(rms_norm, fp32)); this rule
+        # runs above autocast
+        x, weight = cast(x, torch.float32), cast(weight, torch.float32)
+    channels_last = not x.is_contiguous() and (
+        (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)))
+    if channels_last or not x.is_floating_point() or (weight is not None and weight.dtype != x.dtype):
+        return func(*args, **kwargs)
+    return _FusedRmsNorm.apply(x, weight, [shape] if isinstance(shape, int) else list(shape), a["eps"])
+
+
+if _CUDA_FUSES_RMS_NORM:
+    CUDA_RULES.function(F.rms_norm, torch.rms_norm)(_fused_rms_norm_as_on_cuda)
+
+
 def cuda_sdp_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa=False, capability=(9, 0)) -> str:
     """The backend CUDA's scaled_dot_product_attention picks, in its default priority order flash >
     memory-efficient > math (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, use_flash_attention
