@@ -9,7 +9,9 @@ present beside the value memtrace uses.
 4. cuDNN convolution workspaces: for every distinct convolution of a ResNet-50, the requested-bytes peak
    of the convolution (forward, then backward) less its outputs; memtrace models none (a report note
    says so), so this is their size.
-5. End to end on small attention modules: ``memtrace.report`` against ``memtrace.measure``, in bytes.
+5. End to end: ``memtrace.report`` against ``memtrace.measure``, in bytes, on small attention blocks, on
+   norms whose CUDA kernels keep other tensors than the CPU's (LayerNorm's float32 statistics, the
+   fused RMSNorm) and on a grouped-matmul expert layer (float32 runs PyTorch's fallback loop).
 
 Sizes are PyTorch's requested bytes (``memory_stats()["requested_bytes.all.*"]``), so the allocator's
 rounding does not blur them. Prints Markdown; paste it into benchmarks/RESULTS.md with the header.
@@ -242,16 +244,67 @@ class Attention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, t, -1))
 
 
+class NormBlock(nn.Module):
+    """Linear, a norm, Linear: the norm's saved tensors and statistics decide the difference."""
+
+    def __init__(self, norm: nn.Module, width: int = 2048):
+        super().__init__()
+        self.inp, self.norm, self.out = nn.Linear(width, width), norm, nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.out(self.norm(self.inp(x)))
+
+
+class Experts(nn.Module):
+    """8 experts' [2048, 1024] weights over the rows of a [B * 1024, 2048] input in one grouped matmul
+    (torch._grouped_mm; float32 runs the fallback loop)."""
+
+    def __init__(self, experts: int = 8, width: int = 2048, hidden: int = 1024):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, hidden, width) * 0.02)
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        sizes = torch.full((self.w.shape[0],), rows.shape[0] // self.w.shape[0], dtype=torch.int32, device=x.device)
+        offs = torch.cumsum(sizes, 0, dtype=torch.int32)
+        return torch._grouped_mm(rows, self.w.transpose(-2, -1), offs=offs)
+
+
+def end_to_end_cases() -> list[tuple]:
+    attention = [(label, lambda h=heads, d=head_dim, m=mask: Attention(h, d, m), (BATCH, 1024, heads * head_dim),
+                  dict(amp=amp))
+                 for label, amp, heads, head_dim, mask in (
+                     ("attention fp32 (memory-efficient)", False, 12, 64, False),
+                     ("attention bf16 AMP (flash or cuDNN)", "bf16", 12, 64, False),
+                     ("attention fp16 AMP, bool mask (memory-efficient)", "fp16", 12, 64, True),
+                     ("attention bf16 AMP, d128", "bf16", 8, 128, False))]
+    norms = [("LayerNorm, bf16 weights (float32 statistics)", lambda: NormBlock(nn.LayerNorm(2048)),
+              (BATCH, 1024, 2048), dict(dtype=torch.bfloat16))]
+    if hasattr(nn, "RMSNorm"):
+        norms += [("nn.RMSNorm fp32 (fused from PyTorch 2.9)", lambda: NormBlock(nn.RMSNorm(2048)),
+                   (BATCH, 1024, 2048), {}),
+                  ("nn.RMSNorm, bf16 weights", lambda: NormBlock(nn.RMSNorm(2048)), (BATCH, 1024, 2048),
+                   dict(dtype=torch.bfloat16)),
+                  ("nn.RMSNorm, bf16 AMP", lambda: NormBlock(nn.RMSNorm(2048)), (BATCH, 1024, 2048),
+                   dict(amp="bf16"))]
+    experts = []
+    if hasattr(torch, "_grouped_mm"):
+        experts = [("grouped matmul experts fp32 (fallback loop)", Experts, (BATCH, 1024, 2048), {}),
+                   ("grouped matmul experts, bf16 weights", Experts, (BATCH, 1024, 2048), dict(dtype=torch.bfloat16))]
+    return attention + norms + experts
+
+
 def end_to_end_rows(gpu, dev) -> list[list]:
     rows = []
-    for label, amp, heads, head_dim, mask in (("fp32 (memory-efficient)", False, 12, 64, False),
-                                              ("bf16 AMP (flash or cuDNN)", "bf16", 12, 64, False),
-                                              ("fp16 AMP, bool mask (memory-efficient)", "fp16", 12, 64, True),
-                                              ("bf16 AMP, d128", "bf16", 8, 128, False)):
-        model = Attention(heads, head_dim, mask)
-        kwargs = dict(input_shape=(BATCH, 1024, heads * head_dim), optimizer="adamw", amp=amp, steps=2)
-        predicted = memtrace.report(model, **kwargs, gpu=gpu).peak_bytes
-        measured = memtrace.measure(model, **kwargs).peak_bytes if dev is not None else None
+    for label, make, shape, extra in end_to_end_cases():
+        model = make()
+        kwargs = dict(input_shape=shape, optimizer="adamw", steps=2, **extra)
+        try:
+            predicted = memtrace.report(model, **kwargs, gpu=gpu).peak_bytes
+            measured = memtrace.measure(model, **kwargs).peak_bytes if dev is not None else None
+        except Exception as exc:  # one case failing must not lose the others' rows
+            rows.append([label, f"failed: {type(exc).__name__}: {str(exc)[:120]}", "-", "-", "-"])
+            continue
         error = f"{100 * (predicted - measured) / measured:+.2f}%" if measured else "-"
         rows.append([label, f"{predicted:,}", f"{measured:,}" if measured else "-",
                      f"{predicted - measured:+,}" if measured else "-", error])
@@ -285,7 +338,7 @@ def main(argv=None) -> int:
     print("\n### cuDNN convolution workspaces, ResNet-50 at batch 32 (MiB; not modelled)\n")
     print(tabulate(conv_rows(dev), headers=["dtype", "pass", "distinct convolutions", "largest", "median",
                                             "with a workspace"], tablefmt="github", disable_numparse=True))
-    print("\n### End to end: attention block, 2 AdamW steps, report against measure (bytes)\n")
+    print("\n### End to end: attention, norm and expert blocks, 2 AdamW steps, report against measure (bytes)\n")
     print(tabulate(end_to_end_rows(gpu, dev), headers=["Case", "predicted", "measured", "difference", "error"],
                    tablefmt="github", disable_numparse=True))
     return 0
