@@ -89,6 +89,16 @@ def test_huge_answers_stop_at_the_cap():
     assert "at least 5000" in result.table()
 
 
+def test_a_card_not_in_the_catalog_can_be_described():
+    # a 48 GB sm86 card described by the caller: its capability decides the workspace and kernels, its
+    # memory the limit
+    a40 = memtrace.GPU("A40", 45 * 2**30, (8, 6))
+    r = memtrace.report(make_mlp(), (3, 4), gpu=a40, optimizer="sgd")
+    assert r.settings["gpu"] == "A40"
+    assert r.peak_bytes == memtrace.report(make_mlp(), (3, 4), gpu="A5000", optimizer="sgd").peak_bytes  # sm86 too
+    assert memtrace.memory_limit(gpu=a40).limit_bytes == int((45 * 2**30 - 2**30) * 0.95)
+
+
 def test_gpu_limit_is_the_cards_usable_memory():
     card = memtrace.GPUS["a5000"]
     mem = memtrace.memory_limit(gpu="A5000")
