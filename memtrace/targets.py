@@ -518,8 +518,9 @@ def target_for(device: str, gpu: GPU | None = None, alloc_conf: str | None = Non
         notes=(
             f"CUDA target ({gpu.name}, {gpu.sm}): caching-allocator rounding and block reuse, foreach "
             "optimizers, host-side step counters, fused dropout masks, CUDA's autocast lists, the flash / "
-            "memory-efficient attention choice and those kernels' scratch, and cuBLAS workspaces (one per "
-            "thread: the autograd thread's is unverified) are modelled.",
+            "memory-efficient attention choice and those kernels' scratch, float32 norm statistics and the "
+            "fused RMSNorm, and cuBLAS workspaces (one per thread: the autograd thread's is unverified) are "
+            "modelled.",
             *allocator_notes,
         ),
     )
