@@ -93,6 +93,17 @@ def llama_7b() -> nn.Module:
     return llama(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000, max_pos=4096)
 
 
+def mixtral(hidden=512, intermediate=1024, layers=4, heads=8, kv_heads=2, experts=8, top_k=2,
+            vocab=16000) -> nn.Module:
+    """A mixture-of-experts language model; transformers 5 runs its experts through torch._grouped_mm."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, num_local_experts=experts,
+                        num_experts_per_tok=top_k, vocab_size=vocab, max_position_embeddings=2048)
+    return MixtralForCausalLM(cfg)
+
+
 def t5(d_model=512, d_ff=2048, layers=2, heads=8, vocab=16000) -> nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -136,6 +147,8 @@ SUITE: tuple[Case, ...] = (
     Case("gpt2", gpt2, _tokens(2, 256), quick=True),
     Case("bert_mlm", bert, _tokens(4, 128), quick=True),
     Case("llama", llama, _tokens(2, 256), quick=True),
+    Case("llama_gqa", lambda: llama(kv_heads=2), _tokens(2, 256)),
+    Case("mixtral", mixtral, _tokens(2, 256)),
     Case("t5", t5, _tokens(2, 128)),
     Case("lstm_lm", LSTMLanguageModel, _tokens(8, 128), quick=True),
 )
