@@ -16,6 +16,7 @@ CPU every case within 1 % and the median within 0.2 %; on CUDA the median within
 
 from __future__ import annotations
 
+import signal
 import statistics
 import sys
 import time
@@ -106,6 +107,14 @@ def summary(rows: list[dict], device: str) -> list[str]:
     return lines
 
 
+class _Stopped(BaseException):  # not an Exception: a case's own error handling must not catch it
+    pass
+
+
+def _stop(signum, frame):
+    raise _Stopped()
+
+
 def main(argv=None) -> int:
     ap = suite_arguments(__doc__)
     ap.add_argument("--optimizers", default="adam,sgd", help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
@@ -133,18 +142,24 @@ def main(argv=None) -> int:
           f"error = (predicted - measured) / measured")
     print(flush=True)
     rows = []
-    for case in cases:
-        torch.manual_seed(0)
-        with quiet_stderr():
-            model = case.factory()
-        for opt in opts:
-            for amp in amps:
-                log(f"[{time.perf_counter() - start:6.1f}s] {case.name} / {opt} / amp {amp} ...")
-                row = run_case(case, model, opt, args.device, amp)
-                rows.append(row)
-                err = f"{row['error_pct']:+.3f}%" if "error_pct" in row else "n/a"
-                log(f"          error {err} (report {row['report_s']:.1f}s, measure {row['measure_s']:.1f}s)")
-        del model
+    # a time limit (`timeout`, as gpu_run.sh sets) ends the run with the table of the cases done so far
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        for case in cases:
+            torch.manual_seed(0)
+            with quiet_stderr():
+                model = case.factory()
+            for opt in opts:
+                for amp in amps:
+                    log(f"[{time.perf_counter() - start:6.1f}s] {case.name} / {opt} / amp {amp} ...")
+                    row = run_case(case, model, opt, args.device, amp)
+                    rows.append(row)
+                    err = f"{row['error_pct']:+.3f}%" if "error_pct" in row else "n/a"
+                    log(f"          error {err} (report {row['report_s']:.1f}s, measure {row['measure_s']:.1f}s)")
+            del model
+    except _Stopped:
+        total = len(cases) * len(opts) * len(amps)
+        print(f"stopped by its time limit after {len(rows)} of {total} cases\n")
     print(table(rows, args.markdown, TARGETS[args.device][0]))
     print()
     for line in summary(rows, args.device):
