@@ -37,6 +37,7 @@ import memtrace
 from memtrace.cutlass_attention import efficient_backward_scratch
 from memtrace.gpus import lookup, present
 from memtrace.targets import cuda_sdp_backend, flash_backward_scratch
+from tests.tiny_models import EvenExperts, NormBlock  # the blocks tests/test_against_cuda.py checks
 
 # (label, dtype, heads, kv_heads, head_dim, length, mask, dropout)
 ATTENTION_CASES = [
@@ -244,32 +245,6 @@ class Attention(nn.Module):
         return self.out(o.transpose(1, 2).reshape(b, t, -1))
 
 
-class NormBlock(nn.Module):
-    """Linear, a norm, Linear: the norm's saved tensors and statistics decide the difference."""
-
-    def __init__(self, norm: nn.Module, width: int = 2048):
-        super().__init__()
-        self.inp, self.norm, self.out = nn.Linear(width, width), norm, nn.Linear(width, width)
-
-    def forward(self, x):
-        return self.out(self.norm(self.inp(x)))
-
-
-class Experts(nn.Module):
-    """8 experts' [2048, 1024] weights over the rows of a [B * 1024, 2048] input in one grouped matmul
-    (torch._grouped_mm; float32 runs the fallback loop)."""
-
-    def __init__(self, experts: int = 8, width: int = 2048, hidden: int = 1024):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(experts, hidden, width) * 0.02)
-
-    def forward(self, x):
-        rows = x.reshape(-1, x.shape[-1])
-        sizes = torch.full((self.w.shape[0],), rows.shape[0] // self.w.shape[0], dtype=torch.int32, device=x.device)
-        offs = torch.cumsum(sizes, 0, dtype=torch.int32)
-        return torch._grouped_mm(rows, self.w.transpose(-2, -1), offs=offs)
-
-
 def end_to_end_cases() -> list[tuple]:
     attention = [(label, lambda h=heads, d=head_dim, m=mask: Attention(h, d, m), (BATCH, 1024, heads * head_dim),
                   dict(amp=amp))
@@ -278,19 +253,20 @@ def end_to_end_cases() -> list[tuple]:
                      ("attention bf16 AMP (flash or cuDNN)", "bf16", 12, 64, False),
                      ("attention fp16 AMP, bool mask (memory-efficient)", "fp16", 12, 64, True),
                      ("attention bf16 AMP, d128", "bf16", 8, 128, False))]
-    norms = [("LayerNorm, bf16 weights (float32 statistics)", lambda: NormBlock(nn.LayerNorm(2048)),
+    norms = [("LayerNorm, bf16 weights (float32 statistics)", lambda: NormBlock(nn.LayerNorm(2048), 2048),
               (BATCH, 1024, 2048), dict(dtype=torch.bfloat16))]
     if hasattr(nn, "RMSNorm"):
-        norms += [("nn.RMSNorm fp32 (fused from PyTorch 2.9)", lambda: NormBlock(nn.RMSNorm(2048)),
+        norms += [("nn.RMSNorm fp32 (fused from PyTorch 2.9)", lambda: NormBlock(nn.RMSNorm(2048), 2048),
                    (BATCH, 1024, 2048), {}),
-                  ("nn.RMSNorm, bf16 weights", lambda: NormBlock(nn.RMSNorm(2048)), (BATCH, 1024, 2048),
+                  ("nn.RMSNorm, bf16 weights", lambda: NormBlock(nn.RMSNorm(2048), 2048), (BATCH, 1024, 2048),
                    dict(dtype=torch.bfloat16)),
-                  ("nn.RMSNorm, bf16 AMP", lambda: NormBlock(nn.RMSNorm(2048)), (BATCH, 1024, 2048),
+                  ("nn.RMSNorm, bf16 AMP", lambda: NormBlock(nn.RMSNorm(2048), 2048), (BATCH, 1024, 2048),
                    dict(amp="bf16"))]
     experts = []
     if hasattr(torch, "_grouped_mm"):
-        experts = [("grouped matmul experts fp32 (fallback loop)", Experts, (BATCH, 1024, 2048), {}),
-                   ("grouped matmul experts, bf16 weights", Experts, (BATCH, 1024, 2048), dict(dtype=torch.bfloat16))]
+        experts = [("grouped matmul experts fp32 (fallback loop)", EvenExperts, (BATCH, 1024, 2048), {}),
+                   ("grouped matmul experts, bf16 weights", EvenExperts, (BATCH, 1024, 2048),
+                    dict(dtype=torch.bfloat16))]
     return attention + norms + experts
 
 

@@ -11,6 +11,8 @@ from torch import nn
 
 import memtrace
 
+from tiny_models import EvenExperts, NormBlock
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -42,18 +44,6 @@ def test_measure_leaves_no_memory_behind():
     assert torch.cuda.memory_allocated() == before
 
 
-class NormBlock(nn.Module):
-    """Linear, a norm, Linear on [8, 1024, 2048]: the norm's kept tensors are 64 MiB each in float32."""
-
-    def __init__(self, norm: nn.Module):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp, self.norm, self.out = nn.Linear(2048, 2048), norm, nn.Linear(2048, 2048)
-
-    def forward(self, x):
-        return self.out(self.norm(self.inp(x)))
-
-
 NORM_CASES = {
     "layer-norm-bf16": (lambda: nn.LayerNorm(2048), dict(dtype=torch.bfloat16)),  # float32 mean and rstd
     "rms-norm-fp32": (lambda: nn.RMSNorm(2048), {}),  # fused from PyTorch 2.9: no normalised copy kept
@@ -66,22 +56,9 @@ NORM_CASES = {
 @pytest.mark.parametrize("case", list(NORM_CASES))
 def test_norm_blocks_match_max_memory_allocated(case):
     make, kwargs = NORM_CASES[case]
-    r = memtrace.report(NormBlock(make()), (8, 1024, 2048), optimizer="adamw", verify=True, **kwargs)
+    # [8, 1024, 2048]: the norm's kept tensors are 64 MiB each in float32
+    r = memtrace.report(NormBlock(make(), 2048), (8, 1024, 2048), optimizer="adamw", verify=True, **kwargs)
     assert abs(r.error_percent) <= 2.0, (r.peak_bytes, r.measured.peak_bytes)
-
-
-class Experts(nn.Module):
-    """8 experts' [2048, 1024] weights over an even split of a [8192, 2048] input's rows in one grouped
-    matmul, the weights transposed as Hugging Face keeps them."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.w = nn.Parameter(torch.randn(8, 1024, 2048) * 0.02)
-
-    def forward(self, x):
-        offs = torch.arange(1, 9, dtype=torch.int32, device=x.device) * (x.shape[0] // 8)
-        return torch._grouped_mm(x, self.w.transpose(-2, -1), offs=offs)
 
 
 @needs_gpu
@@ -89,5 +66,5 @@ class Experts(nn.Module):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_experts_match_max_memory_allocated(dtype):
     # float32 runs PyTorch's fallback loop of mm, bf16 the grouped kernel on sm90/sm100
-    r = memtrace.report(Experts(), (8192, 2048), optimizer="adamw", dtype=dtype, verify=True)
+    r = memtrace.report(EvenExperts(), (8192, 2048), optimizer="adamw", dtype=dtype, verify=True)
     assert abs(r.error_percent) <= 2.0, (r.peak_bytes, r.measured.peak_bytes)

@@ -15,7 +15,7 @@ import memtrace
 from memtrace import Category, Phase, TraceError
 from memtrace.targets import cuda_sdp_backend
 
-from tiny_models import make_mlp
+from tiny_models import NormBlock, make_mlp
 
 
 def allocations_of(report, op: str):
@@ -230,30 +230,19 @@ def test_grouped_mm_output_rows_are_padded_to_16_bytes():
         memtrace.report(GroupedExperts(10), (12, 8))  # backward: grad_out [12, 10] has 40-byte rows
 
 
-class RMSNormed(nn.Module):
-    """Linear(64, 64) then nn.RMSNorm(64), on a [128, 64] input."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(64, 64)
-        self.norm = nn.RMSNorm(64)
-
-    def forward(self, x):
-        return self.norm(self.fc(x))
-
-
 @pytest.mark.skipif(torch.__version__ < "2.9", reason="CUDA runs the composite RMSNorm before PyTorch 2.9")
 @pytest.mark.parametrize("dtype, width", [(torch.float32, 4), (torch.bfloat16, 2)])
 def test_rms_norm_runs_fused_on_cuda(dtype, width):
     # _fused_rms_norm: the [128, 64] output and a float32 rstd [128, 1] (512 B), which backward keeps with
     # the input; backward writes the input's and the weight's gradients. The CPU's composite keeps the
     # normalised input too (and, for bf16, a float32 copy of the input)
-    r = memtrace.report(RMSNormed(), (128, 64), dtype=dtype, optimizer="sgd", steps=1)
+    r = memtrace.report(NormBlock(nn.RMSNorm(64), 64), (128, 64), dtype=dtype, optimizer="sgd", steps=1)
     norm = [(a.op, a.requested_bytes) for a in r.allocations if a.module == "norm"]
     assert norm == [("aten._fused_rms_norm.default", 128 * 64 * width), ("aten._fused_rms_norm.default", 512),
                     ("aten._fused_rms_norm_backward.default", 128 * 64 * width),
                     ("aten._fused_rms_norm_backward.default", 64 * width)]
-    cpu = memtrace.report(RMSNormed(), (128, 64), dtype=dtype, optimizer="sgd", steps=1, device="cpu")
+    cpu = memtrace.report(NormBlock(nn.RMSNorm(64), 64), (128, 64), dtype=dtype, optimizer="sgd", steps=1,
+                          device="cpu")
     saved = [a.requested_bytes for a in cpu.allocations if a.module == "norm" and a.category is Category.ACTIVATION]
     assert sum(saved) > 512
 
@@ -262,7 +251,7 @@ def test_rms_norm_runs_fused_on_cuda(dtype, width):
 def test_rms_norm_under_amp_runs_fused_in_float32():
     # autocast runs rms_norm in float32: the bf16 Linear output is cast to a float32 copy (kept for backward)
     # and normalised in float32
-    r = memtrace.report(RMSNormed(), (128, 64), amp="bf16", optimizer="sgd", steps=1)
+    r = memtrace.report(NormBlock(nn.RMSNorm(64), 64), (128, 64), amp="bf16", optimizer="sgd", steps=1)
     forward = [(a.op, a.requested_bytes) for a in r.allocations if a.module == "norm" and a.phase is Phase.FORWARD]
     assert forward == [("aten._to_copy.default", 128 * 64 * 4), ("aten._fused_rms_norm.default", 128 * 64 * 4),
                        ("aten._fused_rms_norm.default", 512)]

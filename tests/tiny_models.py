@@ -91,6 +91,36 @@ class GroupedExperts(nn.Module):
         return torch._grouped_mm(x, self.w.transpose(-2, -1), offs=offs)
 
 
+class NormBlock(nn.Module):
+    """Linear, a norm, Linear, all ``width`` wide: what the norm keeps for backward, and its statistics'
+    dtype, make the difference between the CPU's kernels and the GPU's."""
+
+    def __init__(self, norm: nn.Module, width: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.norm, self.out = nn.Linear(width, width), norm, nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.out(self.norm(self.inp(x)))
+
+
+class EvenExperts(nn.Module):
+    """``experts`` experts' [width, hidden] weights over an even split of the input's rows (the input
+    flattened to [rows, width]) in one torch._grouped_mm call, the weights transposed as Hugging Face keeps
+    them (PyTorch 2.8 and later)."""
+
+    def __init__(self, experts: int = 8, width: int = 2048, hidden: int = 1024):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(experts, hidden, width) * 0.02)
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        experts = self.w.shape[0]
+        offs = torch.arange(1, experts + 1, dtype=torch.int32, device=x.device) * (rows.shape[0] // experts)
+        return torch._grouped_mm(rows, self.w.transpose(-2, -1), offs=offs)
+
+
 class LSTMNet(nn.Module):
     def __init__(self):
         super().__init__()
