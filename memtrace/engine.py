@@ -177,6 +177,9 @@ def _checkpoint_modules(model: torch.nn.Module, names: tuple[str, ...], tracker:
             return checkpoint(recompute_aware, *args, use_reentrant=False, **kwargs)
         return checkpointed
 
+    def hugging_face_checkpoint(fn, *args, **kwargs):
+        return wrap(fn)(*args, **kwargs)
+
     modules = dict(model.named_modules())
     for name in names:
         module = modules[name]
@@ -184,12 +187,12 @@ def _checkpoint_modules(model: torch.nn.Module, names: tuple[str, ...], tracker:
             # a Hugging Face layer checkpoints itself as gradient_checkpointing_enable() makes it, dropping
             # the key/value cache arguments that a recomputation would update a second time. That call
             # sets the flag on every module that has one: the models around the layer read it too, and
-            # some (GPT-2 in transformers 4.x) stop making and passing the cache only then.
+            # some (GPT-2, which passes the cache positionally) withhold the cache only then.
             path = name.split(".")
             for owner in (modules[".".join(path[:i])] for i in range(len(path) + 1)):
                 if isinstance(getattr(owner, "gradient_checkpointing", None), bool):
                     owner.gradient_checkpointing = True
-                    owner._gradient_checkpointing_func = lambda fn, *args, **kwargs: wrap(fn)(*args, **kwargs)
+                    owner._gradient_checkpointing_func = hugging_face_checkpoint
         else:
             module.forward = wrap(module.forward)
 
