@@ -12,10 +12,21 @@ CPU every case within 1 % and the median within 0.2 %; on CUDA the median within
     python benchmarks/accuracy.py --quick         # a small subset
     python benchmarks/accuracy.py --only gpt2,t5 --optimizers adam,sgd,adamw --markdown
     python benchmarks/accuracy.py --device cuda --optimizers sgd,adam,adamw --amp off,fp16,bf16
+
+Several processes can share the suite (``--shard 2/4`` runs every fourth model from the second, and
+``--rows-json`` keeps its rows); ``--merge a.json b.json ...`` prints their rows as one table.
+``--traces DIR`` (CUDA) keeps, for each case off by more than ``--trace-above`` percent, the real run's
+allocator trace and the predicted one, for offline diagnosis: ``DIR/<case>.real.pkl.gz`` holds the
+``(action, size, address)`` of every allocator event of ``measure`` and ``DIR/<case>.predicted.pkl.gz``
+the report's snapshot (``memtrace.snapshot``).
 """
 
 from __future__ import annotations
 
+import gzip
+import json
+import os
+import pickle
 import signal
 import statistics
 import sys
@@ -28,6 +39,7 @@ from tabulate import tabulate
 
 import memtrace
 from memtrace.gpus import present
+from memtrace.snapshot import snapshot
 from models import select
 
 # (max |error| %, median |error| %, largest under-estimate %) per device
@@ -35,31 +47,60 @@ TARGETS = {"cpu": (1.0, 0.2, 1.0), "cuda": (3.0, 1.0, 2.0)}
 AMP_MODES = ("off", "fp16", "bf16")
 
 
-def run_case(case, model, opt_name: str, device: str, amp: str) -> dict:
+def _real_trace(record: bool):
+    """The allocator events since recording began, as (action, size, address) tuples; stops recording."""
+    if not record:
+        return None
+    events = [(e["action"], e["size"], e["addr"]) for e in torch.cuda.memory._snapshot()["device_traces"][0]]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    return events
+
+
+def run_case(case, model, opt_name: str, device: str, amp: str, traces: str | None = None,
+             trace_above: float = 0.0) -> dict:
     optimizer, optimizer_kwargs = OPTIMIZERS[opt_name]
     kwargs = dict(case.report_kwargs(), optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
                   amp=False if amp == "off" else amp, device=device)
     row = {"model": case.name, "optimizer": opt_name, "amp": amp}
+    rep = real_trace = None
     t = time.perf_counter()
     try:
         rep = memtrace.report(model, **kwargs, gpu=present() if device == "cuda" else None)
         row["predicted"] = rep.peak_bytes
+        row["predicted_reserved"] = rep.reserved_peak_bytes
         row["pred_phase"] = f"{rep.peak.phase.value} (it {rep.peak.iteration})"
         row["pred_where"] = rep.peak.module or "?"
     except Exception as exc:  # reported, not fatal: the suite goes on
         row["report_error"] = short_error(exc)
     row["report_s"] = time.perf_counter() - t
     t = time.perf_counter()
+    record = traces is not None and device == "cuda"
     try:
+        if record:
+            try:
+                torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python",
+                                                         clear_history=True)
+            except TypeError:  # before clear_history: stopping recording is enough to start afresh
+                torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python")
         with quiet_stderr():
             meas = memtrace.measure(model, **kwargs)
+        real_trace = _real_trace(record)
         row["measured"] = meas.peak_bytes
+        row["measured_reserved"] = meas.reserved_peak_bytes
         row["meas_phase"] = max(meas.peak_by_phase, key=meas.peak_by_phase.get) if meas.peak_by_phase else "?"
     except Exception as exc:
+        _real_trace(record)
         row["measure_error"] = short_error(exc)
     row["measure_s"] = time.perf_counter() - t
     if "predicted" in row and "measured" in row:
         row["error_pct"] = (row["predicted"] - row["measured"]) / row["measured"] * 100
+        if real_trace is not None and abs(row["error_pct"]) > trace_above:
+            stem = os.path.join(traces, f"{case.name}.{opt_name}.{amp}")
+            with gzip.open(stem + ".real.pkl.gz", "wb") as f:
+                pickle.dump({"events": real_trace, "measured": row["measured"],
+                             "peak_by_phase": meas.peak_by_phase}, f)
+            with gzip.open(stem + ".predicted.pkl.gz", "wb") as f:
+                pickle.dump(snapshot(rep), f)
     return row
 
 
@@ -100,6 +141,12 @@ def summary(rows: list[dict], device: str) -> list[str]:
             f"within {max_pct:g}%: {within}/{len(errs)}; within {median_pct:g}%: {within_median}/{len(errs)}; "
             f"under-estimates beyond {under_pct:g}%: {under}"
         )
+    reserved = [(r["predicted_reserved"] - r["measured_reserved"]) / r["measured_reserved"] * 100 for r in rows
+                if r.get("predicted_reserved") and r.get("measured_reserved")]
+    if reserved:
+        lines.append(f"max_memory_reserved: {len(reserved)} cases; median |error| "
+                     f"{statistics.median(abs(e) for e in reserved):.2f}%; range {min(reserved):+.2f}% to "
+                     f"{max(reserved):+.2f}%")
     for r in rows:
         for key in ("report_error", "measure_error"):
             if key in r:
@@ -120,7 +167,25 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizers", default="adam,sgd", help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the real step runs")
     ap.add_argument("--amp", default="off", help=f"comma-separated AMP modes, from {', '.join(AMP_MODES)}")
+    ap.add_argument("--shard", default="1/1", help="K/N: run the K-th of every N models (1-based)")
+    ap.add_argument("--rows-json", help="also write the rows to this JSON file")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="print the rows of these --rows-json files as one table")
+    ap.add_argument("--traces", help="CUDA: keep real and predicted allocator traces of the cases off, in this folder")
+    ap.add_argument("--trace-above", type=float, default=0.1, help="percent error above which --traces keeps a case")
     args = ap.parse_args(argv)
+    if args.merge:
+        rows = []
+        for path in args.merge:
+            if os.path.exists(path):
+                with open(path) as f:
+                    rows += json.load(f)
+            else:
+                print(f"{path}: missing (that shard wrote no rows)")
+        print(table(rows, args.markdown, TARGETS[args.device][0]))
+        print()
+        for line in summary(rows, args.device):
+            print(line)
+        return 0
     opts = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     bad = [o for o in opts if o not in OPTIMIZERS]
     if bad:
@@ -131,6 +196,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False)")
     cases = select(args.only, args.quick)
+    k, n = (int(x) for x in args.shard.split("/"))
+    cases = cases[k - 1::n]
+    if args.traces:
+        os.makedirs(args.traces, exist_ok=True)
 
     start = time.perf_counter()
     for line in header():
@@ -152,8 +221,11 @@ def main(argv=None) -> int:
             for opt in opts:
                 for amp in amps:
                     log(f"[{time.perf_counter() - start:6.1f}s] {case.name} / {opt} / amp {amp} ...")
-                    row = run_case(case, model, opt, args.device, amp)
+                    row = run_case(case, model, opt, args.device, amp, args.traces, args.trace_above)
                     rows.append(row)
+                    if args.rows_json:  # rewritten after every case, so a time limit loses none
+                        with open(args.rows_json, "w") as f:
+                            json.dump(rows, f)
                     err = f"{row['error_pct']:+.3f}%" if "error_pct" in row else "n/a"
                     log(f"          error {err} (report {row['report_s']:.1f}s, measure {row['measure_s']:.1f}s)")
             del model
