@@ -23,6 +23,9 @@ rounding does not blur them. Prints Markdown; paste it into benchmarks/RESULTS.m
 from __future__ import annotations
 
 import argparse
+import gzip
+import os
+import pickle
 import statistics
 import sys
 
@@ -36,6 +39,7 @@ from torch import nn
 import memtrace
 from memtrace.cutlass_attention import efficient_backward_scratch
 from memtrace.gpus import lookup, present
+from memtrace.snapshot import snapshot
 from memtrace.targets import cuda_sdp_backend, flash_backward_scratch
 from tests.tiny_models import EvenExperts, NormBlock  # the blocks tests/test_against_cuda.py checks
 
@@ -270,14 +274,29 @@ def end_to_end_cases() -> list[tuple]:
     return attention + norms + experts
 
 
-def end_to_end_rows(gpu, dev) -> list[list]:
+def end_to_end_rows(gpu, dev, traces: str | None = None) -> list[list]:
     rows = []
-    for label, make, shape, extra in end_to_end_cases():
+    for i, (label, make, shape, extra) in enumerate(end_to_end_cases()):
         model = make()
         kwargs = dict(input_shape=shape, optimizer="adamw", steps=2, **extra)
         try:
-            predicted = memtrace.report(model, **kwargs, gpu=gpu).peak_bytes
-            measured = memtrace.measure(model, **kwargs).peak_bytes if dev is not None else None
+            rep = memtrace.report(model, **kwargs, gpu=gpu)
+            predicted = rep.peak_bytes
+            measured = None
+            if dev is not None:
+                if traces:
+                    torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python")
+                measured = memtrace.measure(model, **kwargs).peak_bytes
+                if traces:
+                    events = [(e["action"], e["size"], e["addr"])
+                              for e in torch.cuda.memory._snapshot()["device_traces"][0]]
+                    torch.cuda.memory._record_memory_history(enabled=None)
+                    if predicted != measured:
+                        stem = os.path.join(traces, f"block{i}")
+                        with gzip.open(stem + ".real.pkl.gz", "wb") as f:
+                            pickle.dump({"label": label, "events": events, "measured": measured}, f)
+                        with gzip.open(stem + ".predicted.pkl.gz", "wb") as f:
+                            pickle.dump(snapshot(rep), f)
         except Exception as exc:  # one case failing must not lose the others' rows
             rows.append([label, f"failed: {type(exc).__name__}: {str(exc)[:120]}", "-", "-", "-"])
             continue
@@ -291,6 +310,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modelled", action="store_true", help="only memtrace's side, for --gpu (no GPU needed)")
     ap.add_argument("--gpu", default="H100", help="the card memtrace models with --modelled")
+    ap.add_argument("--traces", help="keep the real allocator trace and the predicted snapshot of each end-to-end "
+                                     "case that differs, in this folder (blockN.real.pkl.gz, blockN.predicted.pkl.gz)")
     args = ap.parse_args(argv)
     if not args.modelled and not torch.cuda.is_available():
         print("cuda_checks.py measures on a CUDA GPU and torch.cuda.is_available() is False; "
@@ -315,7 +336,9 @@ def main(argv=None) -> int:
     print(tabulate(conv_rows(dev), headers=["dtype", "pass", "distinct convolutions", "largest", "median",
                                             "with a workspace"], tablefmt="github", disable_numparse=True))
     print("\n### End to end: attention, norm and expert blocks, 2 AdamW steps, report against measure (bytes)\n")
-    print(tabulate(end_to_end_rows(gpu, dev), headers=["Case", "predicted", "measured", "difference", "error"],
+    if args.traces:
+        os.makedirs(args.traces, exist_ok=True)
+    print(tabulate(end_to_end_rows(gpu, dev, args.traces), headers=["Case", "predicted", "measured", "difference", "error"],
                    tablefmt="github", disable_numparse=True))
     return 0
 

@@ -19,7 +19,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
 python -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1
 { nvidia-smi; python -c "import torch; print(torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN',
 torch.backends.cudnn.version(), torch.cuda.get_device_name(0))"; } > "$out/versions.txt" 2>&1
-timeout "$limit" python benchmarks/cuda_checks.py > "$out/cuda_checks.md" 2> "$out/cuda_checks.err" &
+timeout "$limit" python benchmarks/cuda_checks.py --traces "$out/traces" > "$out/cuda_checks.md" 2> "$out/cuda_checks.err" &
 timeout "$limit" python -m pytest -q -p no:cacheprovider tests/test_against_cuda.py > "$out/test_against_cuda.txt" 2>&1 &
 for k in $(seq 1 "$shards"); do
     timeout "$limit" python benchmarks/accuracy.py --device cuda --optimizers sgd,adam,adamw --amp off,fp16,bf16 \
