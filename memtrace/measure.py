@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 from time import time_ns
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,10 +30,13 @@ class Measurement:
     peak_by_phase: dict[str, int]
     reserved_peak_bytes: int | None = None  # CUDA: max_memory_reserved() less what was reserved before
     device_name: str | None = None
+    grad_scale: float | None = None  # fp16: GradScaler's initial scale in the run measured (see below)
+    skipped_steps: int = 0  # steps GradScaler still skipped in it (0 unless every scale tried overflowed)
 
     def to_dict(self) -> dict:
         return {"device": self.device, "device_name": self.device_name, "peak_bytes": self.peak_bytes,
-                "peak_by_phase": dict(self.peak_by_phase), "reserved_peak_bytes": self.reserved_peak_bytes}
+                "peak_by_phase": dict(self.peak_by_phase), "reserved_peak_bytes": self.reserved_peak_bytes,
+                "grad_scale": self.grad_scale, "skipped_steps": self.skipped_steps}
 
 
 def _real_input(spec: TensorSpec, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -89,10 +94,11 @@ def measure_cuda(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurem
     dev = torch.device("cuda", torch.cuda.current_device())
     by_phase: dict[str, int] = {}
     current = ["setup"]
+    base = [0]
 
     def close_phase() -> None:
         torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - base
+        peak = torch.cuda.max_memory_allocated(dev) - base[0]
         by_phase[current[0]] = max(by_phase.get(current[0], 0), peak)
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -100,31 +106,70 @@ def measure_cuda(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurem
         close_phase()
         current[0] = phase.value
 
-    with preserved_rng():
-        torch.manual_seed(0)
-        gc.collect()
-        torch.cuda.synchronize(dev)
-        torch.cuda.empty_cache()
-        _clear_cublas_workspaces()  # a fresh process has none yet
-        base = torch.cuda.memory_allocated(dev)
-        reserved_base = torch.cuda.memory_reserved(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        reserved_peak = 0
-        try:
-            real = _real_copy(model, options, dev)
-            optimizer = build_optimizer(options, list(real.parameters()))
-            scaler = torch.amp.GradScaler("cuda") if (options.train and options.uses_grad_scaler) else None
-            run_steps(real, options, lambda: make_inputs(options.inputs, lambda s: _real_input(s, dev)),
-                      optimizer, scaler, "cuda", on_phase)
-            close_phase()
-            reserved_peak = torch.cuda.max_memory_reserved(dev) - reserved_base
-        finally:
-            real = optimizer = scaler = None
+    def run(init_scale: float | None) -> tuple[int, float | None]:
+        """One measured run from a clean allocator; returns (reserved peak, the scaler's final scale)."""
+        by_phase.clear()
+        current[0] = "setup"
+        real = optimizer = scaler = None
+        with preserved_rng():
+            torch.manual_seed(0)
             gc.collect()
             torch.cuda.synchronize(dev)
             torch.cuda.empty_cache()
-            _clear_cublas_workspaces()
-    return Measurement("cuda", max(by_phase.values()), by_phase, reserved_peak, torch.cuda.get_device_name(dev))
+            _clear_cublas_workspaces()  # a fresh process has none yet
+            base[0] = torch.cuda.memory_allocated(dev)
+            reserved_base = torch.cuda.memory_reserved(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            try:
+                real = _real_copy(model, options, dev)
+                optimizer = build_optimizer(options, list(real.parameters()))
+                scaler = _grad_scaler(options, "cuda", init_scale)
+                run_steps(real, options, lambda: make_inputs(options.inputs, lambda s: _real_input(s, dev)),
+                          optimizer, scaler, "cuda", on_phase)
+                close_phase()
+                return (torch.cuda.max_memory_reserved(dev) - reserved_base,
+                        None if scaler is None else scaler.get_scale())
+            finally:
+                real = optimizer = scaler = None
+                gc.collect()
+                torch.cuda.synchronize(dev)
+                torch.cuda.empty_cache()
+                _clear_cublas_workspaces()
+
+    reserved_peak, scale, skipped = _run_until_no_step_is_skipped(run)
+    return Measurement("cuda", max(by_phase.values()), dict(by_phase), reserved_peak,
+                       torch.cuda.get_device_name(dev), scale, skipped)
+
+
+# GradScaler starts at 2**16 and halves its scale at every step whose gradients overflow, skipping that
+# step: the first steps of an fp16 run are often skipped, and a skipped step allocates no optimizer state.
+# memtrace predicts steps that run (the steady state of training), so a measurement whose steps were
+# skipped is repeated from a lower initial scale, as the scaler itself would settle after a few steps.
+# The scale changes no allocation, only whether the step runs.
+_SCALE_TRIES = 8
+_SCALE_STRIDE = 2.0 ** -4  # how much lower than where the scaler ended the next try starts
+
+
+def _grad_scaler(options: Options, device: str, init_scale: float | None):
+    if not (options.train and options.uses_grad_scaler):
+        return None
+    if init_scale is None:
+        return torch.amp.GradScaler(device)
+    return torch.amp.GradScaler(device, init_scale=init_scale)
+
+
+def _run_until_no_step_is_skipped(run) -> tuple[Any, float | None, int]:
+    """Call ``run(init_scale)`` until the scaler ends where it started (no step skipped); returns
+    (the result of the run kept, its initial scale, the steps it still skipped)."""
+    init = None
+    for _ in range(_SCALE_TRIES):
+        result, final = run(init)
+        start = 2.0 ** 16 if init is None else init
+        if final is None or final >= start:
+            return result, None if final is None else start, 0
+        skipped = round(math.log2(start / final))  # the default backoff halves the scale per skipped step
+        init = final * _SCALE_STRIDE
+    return result, start, skipped
 
 
 def _allocation_events(prof):
@@ -153,15 +198,21 @@ def measure_cpu(model: torch.nn.Module, input_shape=None, **kwargs) -> Measureme
 
     from torch.profiler import ProfilerActivity, profile
 
-    with preserved_rng(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        torch.manual_seed(0)
-        marks.append(("setup", time_ns()))
-        real = _real_copy(model, options, torch.device("cpu"))
-        optimizer = build_optimizer(options, list(real.parameters()))
-        scaler = torch.amp.GradScaler("cpu") if (options.train and options.uses_grad_scaler) else None
-        run_steps(real, options, lambda: make_inputs(options.inputs, _real_input), optimizer, scaler, "cpu",
-                  on_phase)
-        del real, optimizer, scaler
+    def run(init_scale: float | None):
+        marks.clear()
+        with preserved_rng(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            torch.manual_seed(0)
+            marks.append(("setup", time_ns()))
+            real = _real_copy(model, options, torch.device("cpu"))
+            optimizer = build_optimizer(options, list(real.parameters()))
+            scaler = _grad_scaler(options, "cpu", init_scale)
+            run_steps(real, options, lambda: make_inputs(options.inputs, _real_input), optimizer, scaler, "cpu",
+                      on_phase)
+            final = None if scaler is None else scaler.get_scale()
+            del real, optimizer, scaler
+        return prof, final
+
+    prof, scale, skipped = _run_until_no_step_is_skipped(run)
     events = _allocation_events(prof)
     total = peak = 0
     by_phase: dict[str, int] = {}
@@ -173,5 +224,5 @@ def measure_cpu(model: torch.nn.Module, input_shape=None, **kwargs) -> Measureme
         phase = marks[k][0] if marks else "setup"
         by_phase[phase] = max(by_phase.get(phase, 0), total)
         peak = max(peak, total)
-    return Measurement("cpu", peak, by_phase)
+    return Measurement("cpu", peak, by_phase, grad_scale=scale, skipped_steps=skipped)
 

@@ -78,6 +78,12 @@ def peak_lines(report) -> list[str]:
     if m is not None:
         lines.append(f"Measured peak: {_exact(m.peak_bytes)} on {m.device_name or m.device}; prediction error "
                      f"{report.error_percent:+.2f}%")
+        if getattr(m, "grad_scale", None) not in (None, 2.0 ** 16):
+            lines.append(f"  (GradScaler skipped overflowing steps from its default scale; measured from scale "
+                         f"{m.grad_scale:g}, where steps ran)")
+        if getattr(m, "skipped_steps", 0):
+            lines.append(f"  (GradScaler still skipped {m.skipped_steps} step(s) at scale {m.grad_scale:g}: the "
+                         "measured run allocated no optimizer state for them)")
     if report.reserved_peak_bytes is not None:
         reserved = f"Reserved by the caching allocator (estimate): {format_bytes(report.reserved_peak_bytes, 2)}"
         if m is not None and m.reserved_peak_bytes is not None:

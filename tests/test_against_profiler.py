@@ -247,3 +247,18 @@ def test_measuring_a_meta_model_on_the_cpu_is_refused():
         model = make_mlp()
     with pytest.raises(ValueError, match="needs a model with real weights"):
         measure_cpu(model, (3, 4))
+
+
+def test_measuring_fp16_retries_past_steps_that_overflow():
+    # A loss this large overflows fp16 gradients at GradScaler's default scale (2**16), so the scaler skips
+    # both steps and the real run never makes Adam's state. The prediction is of steps that run; measure
+    # repeats the run from a lower scale until none is skipped, and then matches the prediction.
+    def loss_fn(out, batch):
+        return out.float().sum() * 1000.0
+
+    model = make_mlp()
+    kwargs = dict(optimizer="adam", amp="fp16", device="cpu", loss_fn=loss_fn)
+    measured = measure_cpu(model, (64, 4), **kwargs)
+    assert measured.grad_scale < 2.0 ** 16 and measured.skipped_steps == 0
+    predicted = memtrace.report(model, (64, 4), **kwargs).peak_bytes
+    assert measured.peak_bytes == predicted == 5668  # without the retry: 5188, no Adam state
