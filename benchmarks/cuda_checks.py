@@ -306,6 +306,60 @@ def end_to_end_rows(gpu, dev, traces: str | None = None) -> list[list]:
     return rows
 
 
+# ---- 6. attention backends inside the suite models ---------------------------------------------------------
+def suite_backend_rows(gpu, dev) -> list[list]:
+    """For every scaled_dot_product_attention call in one real forward of each suite model (fp32 and both
+    AMP modes): the backend PyTorch picks (torch._fused_sdp_choice on the arguments autocast passes on)
+    against memtrace's choice for the same arguments."""
+    from collections import Counter
+
+    from models import select
+
+    names = _backend_names()
+    rows = []
+    original = F.scaled_dot_product_attention
+    for case in select("gpt2,bert_mlm,llama,llama_gqa,mixtral,t5,vit_b_16"):
+        torch.manual_seed(0)
+        model = case.factory().to(dev)
+        args, kwargs = case.make_inputs(dev)
+        for amp in ("off", "fp16", "bf16"):
+            seen = Counter()
+            low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+
+            def probe(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **kw):
+                cq, ck, cv, cm = q, k, v, attn_mask
+                if low is not None:
+                    cq, ck, cv = (t.to(low) if t.is_floating_point() else t for t in (q, k, v))
+                    cm = attn_mask.to(low) if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+                extra = dict(enable_gqa=enable_gqa) if enable_gqa else {}
+                with torch.autocast("cuda", enabled=False):
+                    theirs = names.get(int(torch._fused_sdp_choice(cq, ck, cv, cm, dropout_p, is_causal, scale=scale,
+                                                                   **extra)), "?")
+                ours = cuda_sdp_backend(cq, ck, cv, cm, dropout_p, is_causal, enable_gqa, gpu.capability)
+                mask = "no mask" if cm is None else f"{str(cm.dtype).replace('torch.', '')} mask" + (
+                    " (grad)" if cm.requires_grad else "")
+                seen[(ours, theirs, f"{str(cq.dtype).replace('torch.', '')}, d{cq.shape[-1]}, {mask}, "
+                                    f"dropout {dropout_p:g}, causal {is_causal}")] += 1
+                return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                                **({"enable_gqa": enable_gqa} if enable_gqa else {}), **kw)
+
+            F.scaled_dot_product_attention = probe
+            try:
+                with torch.autocast("cuda", dtype=low, enabled=low is not None):
+                    model(*args, **kwargs)
+            except Exception as exc:
+                seen[("-", "-", f"failed: {type(exc).__name__}: {str(exc)[:80]}")] += 1
+            finally:
+                F.scaled_dot_product_attention = original
+            for (ours, theirs, what), n in sorted(seen.items()):
+                rows.append([case.name, amp, what, n, ours, theirs, "" if ours == theirs else "differs"])
+            if not seen:
+                rows.append([case.name, amp, "no scaled_dot_product_attention call", 0, "-", "-", ""])
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modelled", action="store_true", help="only memtrace's side, for --gpu (no GPU needed)")
@@ -335,6 +389,11 @@ def main(argv=None) -> int:
     print("\n### cuDNN convolution workspaces, ResNet-50 at batch 32 (MiB; not modelled)\n")
     print(tabulate(conv_rows(dev), headers=["dtype", "pass", "distinct convolutions", "largest", "median",
                                             "with a workspace"], tablefmt="github", disable_numparse=True))
+    if dev is not None:
+        print("\n### Attention backends inside the suite models (one real forward each)\n")
+        print(tabulate(suite_backend_rows(gpu, dev), headers=["model", "amp", "call", "calls", "memtrace",
+                                                               "PyTorch", ""], tablefmt="github",
+                       disable_numparse=True))
     print("\n### End to end: attention, norm and expert blocks, 2 AdamW steps, report against measure (bytes)\n")
     if args.traces:
         os.makedirs(args.traces, exist_ok=True)

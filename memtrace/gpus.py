@@ -21,11 +21,34 @@ CONTEXT_ALLOWANCE_BYTES = 1 * GiB
 FRAGMENTATION_ALLOWANCE = 0.05
 
 
+# Resident threads per SM by compute capability (CUDA programming guide, "Technical Specifications per
+# Compute Capability"); CUDA's reduction kernel sizes its grid, and so its scratch, by it.
+_THREADS_PER_SM = {(7, 0): 2048, (7, 2): 2048, (7, 5): 1024, (8, 0): 2048, (8, 6): 1536, (8, 7): 1536,
+                   (8, 9): 1536, (9, 0): 2048, (10, 0): 2048, (10, 3): 2048, (12, 0): 1536, (12, 1): 1536}
+
+
 @dataclass(frozen=True)
 class GPU:
     name: str
     memory_bytes: int  # the memory PyTorch reports (get_device_properties().total_memory)
     capability: tuple[int, int]
+    # multiProcessorCount; None: the catalog's card of the same compute capability (see ``sm_count``)
+    multiprocessors: int | None = None
+
+    @property
+    def sm_count(self) -> int:
+        """Streaming multiprocessors: the card's own count, else that of the catalog's first card of the
+        same compute capability (an assumption: parts of one generation differ, e.g. H100 SXM 132 and
+        PCIe 114), else 108."""
+        if self.multiprocessors:
+            return self.multiprocessors
+        same = [g for g in _CATALOG if g.capability == self.capability and g.multiprocessors]
+        return same[0].multiprocessors if same else 108
+
+    @property
+    def threads_per_sm(self) -> int:
+        """Resident threads per SM (maxThreadsPerMultiProcessor), by compute capability."""
+        return _THREADS_PER_SM.get(self.capability, 2048 if self.capability[0] in (7, 8, 9, 10) else 1536)
 
     def usable_bytes(self, context_bytes: int = CONTEXT_ALLOWANCE_BYTES,
                      fragmentation: float = FRAGMENTATION_ALLOWANCE) -> int:
@@ -68,23 +91,24 @@ class GPU:
 # out-of-memory messages quote as "total capacity": less than the nominal size, since the driver keeps
 # some, and a few MiB lower or higher with the driver version and ECC. These are the lowest values seen on
 # Linux in logs users published (PyTorch's _CudaDeviceProperties, deviceQuery, Ultralytics' device line).
-# For the H100 it is the PCIe part's; the SXM part reports 81,079-81,105 MiB.
+# For the H100 it is the PCIe part's; the SXM part reports 81,079-81,105 MiB. SM counts are from NVIDIA's
+# datasheets and whitepapers; the H100's is the SXM part's (132; PCIe: 114), the training part.
 _CATALOG = [
-    GPU("H100", 81_008 * MiB, (9, 0)),
-    GPU("H200", 143_156 * MiB, (9, 0)),
-    GPU("B200", 182_631 * MiB, (10, 0)),
-    GPU("A100-80GB", 81_037 * MiB, (8, 0)),
-    GPU("A100-40GB", 40_326 * MiB, (8, 0)),
-    GPU("L40S", 45_372 * MiB, (8, 9)),
-    GPU("L4", 22_518 * MiB, (8, 9)),
-    GPU("A10G", 22_587 * MiB, (8, 6)),
-    GPU("A6000", 48_676 * MiB, (8, 6)),
-    GPU("A5000", 24_114 * MiB, (8, 6)),
-    GPU("RTX 5090", 32_101 * MiB, (12, 0)),
-    GPU("RTX 4090", 24_080 * MiB, (8, 9)),
-    GPU("RTX 3090", 24_124 * MiB, (8, 6)),
-    GPU("V100-32GB", 32_480 * MiB, (7, 0)),
-    GPU("T4", 14_912 * MiB, (7, 5)),
+    GPU("H100", 81_008 * MiB, (9, 0), 132),
+    GPU("H200", 143_156 * MiB, (9, 0), 132),
+    GPU("B200", 182_631 * MiB, (10, 0), 148),
+    GPU("A100-80GB", 81_037 * MiB, (8, 0), 108),
+    GPU("A100-40GB", 40_326 * MiB, (8, 0), 108),
+    GPU("L40S", 45_372 * MiB, (8, 9), 142),
+    GPU("L4", 22_518 * MiB, (8, 9), 58),
+    GPU("A10G", 22_587 * MiB, (8, 6), 80),
+    GPU("A6000", 48_676 * MiB, (8, 6), 84),
+    GPU("A5000", 24_114 * MiB, (8, 6), 64),
+    GPU("RTX 5090", 32_101 * MiB, (12, 0), 170),
+    GPU("RTX 4090", 24_080 * MiB, (8, 9), 128),
+    GPU("RTX 3090", 24_124 * MiB, (8, 6), 82),
+    GPU("V100-32GB", 32_480 * MiB, (7, 0), 80),
+    GPU("T4", 14_912 * MiB, (7, 5), 40),
 ]
 DEFAULT_GPU = "H100"
 
@@ -139,4 +163,4 @@ def present() -> GPU | None:
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return GPU(props.name, props.total_memory, (props.major, props.minor))
+    return GPU(props.name, props.total_memory, (props.major, props.minor), props.multi_processor_count)

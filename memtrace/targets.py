@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import inspect
+import os
+import re
 
 import torch
 from torch.nn import functional as F
@@ -20,9 +22,20 @@ from torch.overrides import TorchFunctionMode
 
 from .allocator import ExactAllocator, cuda_allocator
 from .autocast import autocast_dtype, cast, cuda_autocast
+from .cuda_reduce import reduce_launches
 from .cutlass_attention import efficient_backward_scratch, efficient_forward_accumulator_bytes
 from .gpus import DEFAULT_GPU, GPU, lookup
 from .options import Category, Phase
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a PyTorch version string: "2.11.0+cu130" -> (2, 11); a pre-release such as
+    "2.9.0a0+git..." counts as its release."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+TORCH_VERSION = _release(torch.__version__)
 
 
 class RuleSet:
@@ -143,7 +156,7 @@ class _FusedRmsNorm(torch.autograd.Function):
 
 # The CUDA library has _fused_rms_norm from PyTorch 2.9 on (2.8's has no such kernel); before it, CUDA ran
 # the same composite as the CPU.
-_CUDA_FUSES_RMS_NORM = torch.__version__ >= "2.9"
+_CUDA_FUSES_RMS_NORM = TORCH_VERSION >= (2, 9)
 
 
 def _fused_rms_norm_as_on_cuda(target, func, args, kwargs):
@@ -458,11 +471,90 @@ def _cublas_workspace(tracker, func, args, kwargs):
     # aten/src/ATen/cuda/CublasHandlePool.cpp: the first cuBLAS call on a (handle, stream) pair allocates
     # a workspace through the caching allocator and keeps it. Handles are per thread, and the autograd
     # engine runs CUDA backward on its own device thread, so backward's first GEMM gets a second one
-    # (unverified on a GPU).
+    # (measured on an H100, PyTorch 2.11: 32 MiB on each thread).
     out = func(*args, **kwargs)
     thread = "autograd thread" if tracker.where.phase is Phase.BACKWARD else "main thread"
     tracker.allocate_persistent(("cublas", thread), tracker.target.gpu.cublas_workspace_bytes(),
                                 Category.WORKSPACE, f"cuBLAS workspace ({thread})")
+    lt = cublaslt_workspace_bytes() if _uses_cublaslt(func, args, kwargs) else 0
+    if lt and (2, 9) <= TORCH_VERSION:
+        tracker.allocate_persistent(("cublaslt", thread), lt, Category.WORKSPACE, f"cuBLASLt workspace ({thread})")
+    elif lt:
+        tracker.allocate_scratch(lt, "cuBLASLt workspace")()
+    return out
+
+
+def cublaslt_workspace_bytes(environ=os.environ) -> int:
+    """The workspace of a cuBLASLt matmul beside cuBLAS's (CublasHandlePool.cpp, getCUDABlasLtWorkspaceSize):
+    CUBLASLT_WORKSPACE_SIZE KiB, 1 MiB by default. PyTorch 2.5-2.8 allocate it in every call and free it on
+    return; 2.9-2.11 keep one per (handle, stream), like cuBLAS's; later releases, and
+    TORCH_CUBLASLT_UNIFIED_WORKSPACE=1, run cuBLASLt in cuBLAS's workspace (pytorch#175879; the release
+    it first ships in is taken to be 2.12). Measured on an H100 with PyTorch 2.11: 1,048,576 bytes, kept."""
+    if TORCH_VERSION >= (2, 12) or environ.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE") == "1":
+        return 0
+    try:
+        return int(environ.get("CUBLASLT_WORKSPACE_SIZE", 1024)) * 1024
+    except ValueError:
+        return 1024 * 1024
+
+
+def _uses_cublaslt(func, args, kwargs) -> bool:
+    # aten/src/ATen/native/cuda/Blas.cpp, addmm_out_cuda_impl: an out-of-place addmm (Linear with a bias,
+    # GPT-2's Conv1D) or _addmm_activation runs cuBLASLt's bias epilogue when beta is 1, the dtype is real
+    # floating point, mat2 is larger than 1 in both dims and the bias is a contiguous 1-D vector of mat2's
+    # width (from 2.10 also a (1, n) one, and any 2-D bias with an activation). mm, bmm and the rest go to
+    # cuBLAS unless the user prefers cuBLASLt (torch.backends.cuda.preferred_blas_library), not modelled.
+    addmm, activation = torch.ops.aten.addmm.default, torch.ops.aten._addmm_activation.default
+    if func not in (addmm, activation) or os.environ.get("DISABLE_ADDMM_CUDA_LT") == "1":
+        return False
+    bias, mat2 = args[0], args[2]
+    beta = kwargs.get("beta", args[3] if len(args) > 3 else 1)
+    if beta != 1 or bias.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return False
+    if mat2.dim() != 2 or mat2.shape[0] <= 1 or mat2.shape[1] <= 1:
+        return False
+    if func is activation and bias.dim() == 2 and TORCH_VERSION >= (2, 10):
+        return True
+    vector = bias.dim() == 1 or (bias.dim() == 2 and bias.shape[0] == 1 and TORCH_VERSION >= (2, 10))
+    return vector and bias.is_contiguous() and bias.shape[-1] == mat2.shape[1]
+
+
+_REDUCTIONS = {torch.ops.aten.sum.default, torch.ops.aten.sum.dim_IntList, torch.ops.aten.mean.default,
+               torch.ops.aten.mean.dim}
+
+
+@CUDA_RULES.op(*_REDUCTIONS)
+def _reduction_scratch(tracker, func, args, kwargs):
+    # Reduce.cuh, gpu_reduce_kernel: a sum or mean split across several blocks per output stages partial
+    # results in a buffer and counts blocks in semaphores, both allocated after the output and freed when
+    # the op returns (sizes: memtrace/cuda_reduce.py). A bias gradient (a column sum over every token) is
+    # the large case; the CPU kernels have no such buffers.
+    out = func(*args, **kwargs)
+    x = args[0]
+    if x.is_complex() or x.numel() == 0:
+        return out
+    dims = None
+    if func in (torch.ops.aten.sum.dim_IntList, torch.ops.aten.mean.dim):
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = (args[2] if len(args) > 2 else kwargs.get("keepdim", False)) if dims is not None else False
+    acc = 8 if (x.dtype == torch.float64 or not x.is_floating_point()) else 4  # arg_t: double, int64, float
+    gpu = tracker.target.gpu
+    launches = reduce_launches(tuple(x.shape), tuple(x.stride()), list(dims) if dims else None, x.element_size(),
+                               acc, out.element_size(), keepdim=bool(keepdim), sm_count=gpu.sm_count,
+                               max_threads_per_sm=gpu.threads_per_sm, input_vec_size=8 if x.element_size() == 2 else 4,
+                               input_storage_offset=x.storage_offset(), legacy_25=TORCH_VERSION < (2, 6))
+    if not launches:
+        return out
+    frees = []
+    if launches[0]["acc_buf_bytes"]:  # a 64-bit-indexed 16-bit reduction accumulates in float32 first
+        frees.append(tracker.allocate_scratch(launches[0]["acc_buf_bytes"], "reduction: float32 accumulation buffer"))
+    buffer = max(launch["buffer_bytes"] for launch in launches)
+    if buffer:
+        frees.append(tracker.allocate_scratch(buffer, "reduction: partial results across blocks"))
+        frees.append(tracker.allocate_scratch(max(launch["semaphore_bytes"] for launch in launches),
+                                              "reduction: block semaphores"))
+    for free in reversed(frees):
+        free()
     return out
 
 

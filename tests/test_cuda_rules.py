@@ -6,6 +6,9 @@ read off the report.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -13,7 +16,9 @@ from torch.nn import functional as F
 
 import memtrace
 from memtrace import Category, Phase, TraceError
-from memtrace.targets import cuda_sdp_backend
+from memtrace import targets
+from memtrace.cuda_reduce import reduce_launches
+from memtrace.targets import TORCH_VERSION, cuda_sdp_backend
 
 from tiny_models import NormBlock, make_mlp
 
@@ -230,7 +235,7 @@ def test_grouped_mm_output_rows_are_padded_to_16_bytes():
         memtrace.report(GroupedExperts(10), (12, 8))  # backward: grad_out [12, 10] has 40-byte rows
 
 
-@pytest.mark.skipif(torch.__version__ < "2.9", reason="CUDA runs the composite RMSNorm before PyTorch 2.9")
+@pytest.mark.skipif(TORCH_VERSION < (2, 9), reason="CUDA runs the composite RMSNorm before PyTorch 2.9")
 @pytest.mark.parametrize("dtype, width", [(torch.float32, 4), (torch.bfloat16, 2)])
 def test_rms_norm_runs_fused_on_cuda(dtype, width):
     # _fused_rms_norm: the [128, 64] output and a float32 rstd [128, 1] (512 B), which backward keeps with
@@ -247,7 +252,7 @@ def test_rms_norm_runs_fused_on_cuda(dtype, width):
     assert sum(saved) > 512
 
 
-@pytest.mark.skipif(torch.__version__ < "2.9", reason="CUDA runs the composite RMSNorm before PyTorch 2.9")
+@pytest.mark.skipif(TORCH_VERSION < (2, 9), reason="CUDA runs the composite RMSNorm before PyTorch 2.9")
 def test_rms_norm_under_amp_runs_fused_in_float32():
     # autocast runs rms_norm in float32: the bf16 Linear output is cast to a float32 copy (kept for backward)
     # and normalised in float32
@@ -493,3 +498,85 @@ def test_every_card_and_amp_mode_traces(gpu, amp):
                           (make_cnn(), {"input_shape": (4, 3, 32, 32)})):
         r = memtrace.report(model, **kwargs, amp=amp, gpu=gpu, optimizer="adamw")
         assert r.peak_bytes > 0 and sum(r.by_category.values()) == r.peak_bytes
+
+
+def test_reduction_scratch_matches_the_h100():
+    # 424 sums and means of random shapes, strides, reduced dims and dtypes, measured on an H100: the port
+    # of gpu_reduce_kernel's sizing gives each one's scratch (staging buffer, semaphores) to the byte
+    data = json.loads((Path(__file__).parent / "data" / "h100_reductions.json").read_text())
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}
+    mismatches = []
+    for shape, strides, dims, dtype, op, keepdim, measured in data["cases"]:
+        size = itemsize[dtype]
+        launches = reduce_launches(shape, strides, dims, size, 4, size, keepdim=keepdim, sm_count=data["sm_count"],
+                                   max_threads_per_sm=data["threads_per_sm"], input_vec_size=8 if size == 2 else 4)
+        got = [n for launch in launches if launch["buffer_bytes"]
+               for n in (launch["buffer_bytes"], launch["semaphore_bytes"])]
+        if got != measured:
+            mismatches.append((shape, strides, dims, dtype, op, measured, got))
+    assert len(data["cases"]) == 424 and not mismatches
+
+
+def reduction_scratch(r):
+    return [(a.op, a.requested_bytes, a.phase.value) for a in r.allocations if a.op.startswith("reduction:")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_gradient_and_loss_reductions_stage_their_partial_sums(dtype):
+    # The bias gradient of Linear(2048, 2048) over 4 x 1024 tokens is a column sum of [4096, 2048]; on an
+    # H100 it stages 64 partial sums per column in float32 (67,108,864 B, measured), more than the gradient.
+    # The loss, a mean over [4, 1024, 2048], takes 4 B per block: 528 blocks (132 SMs x 4) on an H100.
+    r = memtrace.report(nn.Linear(2048, 2048), (4, 1024, 2048), optimizer="sgd", dtype=dtype, gpu="H100", steps=1)
+    assert reduction_scratch(r) == [
+        ("reduction: partial results across blocks", 2112, "forward"),
+        ("reduction: block semaphores", 4, "forward"),
+        ("reduction: partial results across blocks", 67108864, "backward"),
+        ("reduction: block semaphores", 64, "backward"),
+    ]
+    assert all(a.category is Category.TEMPORARY and a.free_event is not None
+               for a in r.allocations if a.op.startswith("reduction:"))
+    # the buffers depend on the card: a T4 has 40 SMs of 1024 threads, so 80 blocks for the mean
+    t4 = memtrace.report(nn.Linear(2048, 2048), (4, 1024, 2048), optimizer="sgd", dtype=dtype, gpu="T4", steps=1)
+    assert reduction_scratch(t4)[:2] == [("reduction: partial results across blocks", 320, "forward"),
+                                         ("reduction: block semaphores", 4, "forward")]
+    cpu = memtrace.report(nn.Linear(2048, 2048), (4, 1024, 2048), optimizer="sgd", dtype=dtype, device="cpu", steps=1)
+    assert not reduction_scratch(cpu)
+
+
+def test_small_reductions_stage_nothing():
+    # a bias gradient over 3 rows is summed by one block per column: no buffer
+    r = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", gpu="H100", steps=1)
+    assert reduction_scratch(r) == []
+
+
+def cublaslt(r):
+    return [(a.op, a.requested_bytes, a.phase.value, a.free_event is None) for a in r.allocations
+            if "cuBLASLt" in a.op]
+
+
+def test_cublaslt_workspace_by_version(monkeypatch):
+    # A Linear with a bias runs addmm through cuBLASLt (Blas.cpp, addmm_out_cuda_impl), which has its own
+    # 1 MiB workspace. PyTorch 2.9-2.11 keep one per thread (measured on an H100 with 2.11: 1,048,576 B
+    # beside the 32 MiB cuBLAS workspace); 2.5-2.8 allocate it in each call; later releases share cuBLAS's.
+    monkeypatch.setattr(targets, "TORCH_VERSION", (2, 11))
+    r = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", gpu="H100", steps=2)
+    assert cublaslt(r) == [("cuBLASLt workspace (main thread)", 1024 * 1024, "forward", True)]  # backward runs mm
+    monkeypatch.setattr(targets, "TORCH_VERSION", (2, 8))
+    r = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", gpu="H100", steps=2)
+    assert cublaslt(r) == [("cuBLASLt workspace", 1024 * 1024, "forward", False)] * 4  # 2 layers x 2 steps
+    monkeypatch.setattr(targets, "TORCH_VERSION", (2, 12))
+    assert cublaslt(memtrace.report(make_mlp(), (3, 4), optimizer="sgd", gpu="H100")) == []
+
+
+def test_cublaslt_workspace_settings(monkeypatch):
+    monkeypatch.setattr(targets, "TORCH_VERSION", (2, 11))
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "4096")
+    assert cublaslt(memtrace.report(make_mlp(), (3, 4), gpu="H100"))[0][1] == 4 * 1024 * 1024
+    monkeypatch.setenv("TORCH_CUBLASLT_UNIFIED_WORKSPACE", "1")
+    assert cublaslt(memtrace.report(make_mlp(), (3, 4), gpu="H100")) == []
+    monkeypatch.delenv("TORCH_CUBLASLT_UNIFIED_WORKSPACE")
+    monkeypatch.setenv("DISABLE_ADDMM_CUDA_LT", "1")
+    assert cublaslt(memtrace.report(make_mlp(), (3, 4), gpu="H100")) == []
+    monkeypatch.delenv("DISABLE_ADDMM_CUDA_LT")
+    no_bias = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 2, bias=False))
+    assert cublaslt(memtrace.report(no_bias, (3, 4), gpu="H100")) == []  # mm runs on cuBLAS
