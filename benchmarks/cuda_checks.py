@@ -7,11 +7,13 @@ present beside the value memtrace uses.
 3. The attention backward's scratch: the requested-bytes peak of ``torch.autograd.grad`` above what was
    live before, less the gradients, against the scratch memtrace adds for the kernel it predicts.
 4. cuDNN convolution workspaces: for every distinct convolution of a ResNet-50, the requested-bytes peak
-   of the convolution (forward, then backward) less its outputs; memtrace models none (a report note
-   says so), so this is their size.
+   of the convolution (forward, then backward) less its outputs, the size memtrace estimates (a report
+   note says how).
 5. End to end: ``memtrace.report`` against ``memtrace.measure``, in bytes, on small attention blocks, on
    norms whose CUDA kernels keep other tensors than the CPU's (LayerNorm's float32 statistics, the
    fused RMSNorm) and on a grouped-matmul expert layer (float32 runs PyTorch's fallback loop).
+6. Attention backends inside the suite's transformers: for every scaled_dot_product_attention call of one
+   real forward, the backend PyTorch picks against memtrace's.
 
 Sizes are PyTorch's requested bytes (``memory_stats()["requested_bytes.all.*"]``), so the allocator's
 rounding does not blur them. Prints Markdown; paste it into benchmarks/RESULTS.md with the header.
@@ -40,7 +42,8 @@ import memtrace
 from memtrace.cutlass_attention import efficient_backward_scratch
 from memtrace.gpus import lookup, present
 from memtrace.snapshot import snapshot
-from memtrace.targets import cuda_sdp_backend, flash_backward_scratch
+from memtrace.targets import (cublaslt_workspace_bytes, cuda_sdp_backend, cudnn_workspace_estimate,
+                              flash_backward_scratch)
 from tests.tiny_models import EvenExperts, NormBlock  # the blocks tests/test_against_cuda.py checks
 
 # (label, dtype, heads, kv_heads, head_dim, length, mask, dropout)
@@ -100,7 +103,7 @@ def cublas_rows(gpu, dev) -> list[list]:
         measured["first GEMM of backward (autograd thread)"] = requested() - r2 - a.grad.nbytes
         del a, b, bias, c, d
     expect = {"first GEMM, main thread": modelled,
-              "first Linear with bias (cuBLASLt), main thread": 0,
+              "first Linear with bias (cuBLASLt), main thread": cublaslt_workspace_bytes(),
               "first GEMM of backward (autograd thread)": modelled}
     return [[what, f"{expect[what]:,}", f"{measured[what]:,}" if what in measured else "-"] for what in expect]
 
@@ -199,7 +202,13 @@ def conv_rows(dev, dtypes=(torch.float32, torch.float16), batch: int = 32) -> li
     convs = resnet50_convolutions(batch)
     rows = []
     for dtype in dtypes:
-        fwd, bwd = [], []
+        fwd, bwd, est_fwd, est_bwd = [], [], [], []
+        for shape, cin, cout, kernel, stride, padding, groups in convs:
+            x = torch.empty(shape, dtype=dtype, device="meta")
+            w = torch.empty(cout, cin // groups, *kernel, dtype=dtype, device="meta")
+            y = F.conv2d(x, w, None, stride, padding, 1, groups)
+            est_fwd.append(cudnn_workspace_estimate(x, w, y, groups, backward=False))
+            est_bwd.append(cudnn_workspace_estimate(x, w, y, groups, backward=True))
         if dev is not None:
             for shape, cin, cout, kernel, stride, padding, groups in convs:
                 fresh(dev)
@@ -225,10 +234,12 @@ def conv_rows(dev, dtypes=(torch.float32, torch.float16), batch: int = 32) -> li
                 fwd.append(fwd_ws)
                 bwd.append(bwd_ws)
                 del x, w
-        for phase, values in (("forward", fwd), ("backward", bwd)):
+        for phase, values, estimates in (("forward", fwd, est_fwd), ("backward", bwd, est_bwd)):
             rows.append([str(dtype).replace("torch.", ""), phase, len(convs),
                          mib(max(values)) if values else "-", mib(int(statistics.median(values))) if values else "-",
-                         sum(1 for v in values if v > 0) if values else "-"])
+                         sum(1 for v in values if v > 0) if values else "-",
+                         mib(max(estimates)), mib(int(statistics.median(estimates))),
+                         sum(1 for v, e in zip(values, estimates) if v > e) if values else "-"])
     return rows
 
 
@@ -386,9 +397,10 @@ def main(argv=None) -> int:
     print(tabulate(attention_rows(gpu, dev), headers=["Case", "memtrace backend", "PyTorch backend",
                                                        "memtrace scratch", "measured scratch"],
                    tablefmt="github", disable_numparse=True))
-    print("\n### cuDNN convolution workspaces, ResNet-50 at batch 32 (MiB; not modelled)\n")
+    print("\n### cuDNN convolution workspaces, ResNet-50 at batch 32 (MiB; memtrace estimates them)\n")
     print(tabulate(conv_rows(dev), headers=["dtype", "pass", "distinct convolutions", "largest", "median",
-                                            "with a workspace"], tablefmt="github", disable_numparse=True))
+                                            "with a workspace", "memtrace largest", "memtrace median",
+                                            "above memtrace's"], tablefmt="github", disable_numparse=True))
     if dev is not None:
         print("\n### Attention backends inside the suite models (one real forward each)\n")
         print(tabulate(suite_backend_rows(gpu, dev), headers=["model", "amp", "call", "calls", "memtrace",

@@ -164,9 +164,10 @@ def _fused_rms_norm_as_on_cuda(target, func, args, kwargs):
     # _fused_rms_norm, which has a CUDA kernel; other inputs take the composite
     a = _arguments(_rms_norm_signature, args, kwargs)
     x, weight, shape = a["input"], a["weight"], a["normalized_shape"]
-    if autocast_dtype() is not None:
-        # CUDA autocast runs rms_norm in float32 (autocast_mode.cpp, KERNEL_CUDA(rms_norm, fp32)); this rule
-        # runs above autocast
+    if autocast_dtype() is not None and TORCH_VERSION >= (2, 12):
+        # CUDA autocast runs rms_norm in float32 from PyTorch 2.12 (autocast_mode.h, its fp32 list); this rule
+        # runs above autocast. 2.9-2.11 list it nowhere, so a 16-bit activation meets a float32 weight and
+        # takes the composite below (measured on an H100 with 2.11: "Mismatch dtype between input and weight").
         x, weight = cast(x, torch.float32), cast(weight, torch.float32)
     channels_last = not x.is_contiguous() and (
         (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
@@ -382,16 +383,45 @@ def _layer_norm_statistics_in_float32(tracker, func, args, kwargs):
 
 
 CUDNN_CONVOLUTION_NOTE = (
-    "cuDNN convolution workspaces are not included: each convolution allocates a transient workspace whose "
-    "size depends on the engine cuDNN's heuristics pick at run time, which the shapes do not decide. When it "
-    "does not fit, PyTorch runs the next engine instead of failing (aten/src/ATen/native/cudnn/Conv_v8.cpp, "
-    "try_plans), so it can raise the measured peak but does not by itself cause an out-of-memory error.")
+    "cuDNN convolution workspaces are an estimate: each convolution's transient workspace is taken to be the "
+    "size of its operands together (input, output and weight) for k x k kernels, three times that in float32 "
+    "backward, half of it in backward for 1 x 1 kernels and for 16-bit depthwise ones, and none otherwise. Its "
+    "real size depends on the engine cuDNN's heuristics pick at run time, which the shapes do not decide (on "
+    "an H100 with cuDNN 9.19, float32 k x k backward took 1 to 3.6 times the operands; benchmarks/RESULTS.md). "
+    "It is bounded by the free memory: when a workspace does not fit, PyTorch runs the next engine instead of "
+    "failing (aten/src/ATen/native/cudnn/Conv_v8.cpp, try_plans), so it raises the measured peak on a card "
+    "with memory to spare but does not by itself cause an out-of-memory error.")
+
+
+def cudnn_workspace_estimate(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, groups: int,
+                             backward: bool) -> int:
+    """The estimated cuDNN workspace of one convolution (see CUDNN_CONVOLUTION_NOTE), in bytes, from the
+    2,627 convolutions of the CUDA accuracy suite's CNNs measured on an H100 (cuDNN 9.19, PyTorch 2.11): a
+    16-bit k x k convolution took exactly its operands' size in most calls (the engines keep transformed
+    copies of them), float32 ones up to 3.6 times it in backward; pointwise ones mostly none forward and up
+    to half of it backward; depthwise ones none, or half in 16-bit backward."""
+    operands = (x.numel() + y.numel() + weight.numel()) * x.element_size()
+    if groups > 1:
+        ratio = 0.5 if backward and x.element_size() == 2 else 0.0
+    elif all(k == 1 for k in weight.shape[2:]):
+        ratio = 0.5 if backward else 0.0
+    else:
+        ratio = 3.0 if backward and x.element_size() == 4 else 1.0
+    return int(ratio * operands)
 
 
 @CUDA_RULES.op(torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
 def _cudnn_convolution(tracker, func, args, kwargs):
     tracker.note(CUDNN_CONVOLUTION_NOTE)
-    return func(*args, **kwargs)
+    out = func(*args, **kwargs)
+    backward = func is torch.ops.aten.convolution_backward.default
+    x, weight, y = (args[1], args[2], args[0]) if backward else (args[0], args[1], out)
+    groups = args[9] if backward else args[8]
+    if x.dim() == 4 and x.is_floating_point():  # 2-D convolutions, the ones measured
+        workspace = cudnn_workspace_estimate(x, weight, y, groups, backward)
+        if workspace:
+            tracker.allocate_scratch(workspace, "cuDNN workspace (estimate)", Category.WORKSPACE)()
+    return out
 
 
 CUDA_RULES.note_on(
@@ -457,9 +487,21 @@ def _check_grouped_mm_strides(mat) -> None:
         raise RuntimeError("_grouped_mm: strides should be multiple of 16 bytes")
 
 
+def _grouped_mm_on_cuda(tracker, func, args, kwargs):
+    # GroupedBlas.cpp, _grouped_mm_cuda: bf16 on sm90 and sm100 runs the CUTLASS grouped kernel (its small
+    # argument buffer and workspace, 480 B and 66 KiB for 8 experts on an H100, are not modelled); any other
+    # dtype or GPU runs _grouped_mm_fallback's loop of mm on cuBLAS, which takes the thread's cuBLAS
+    # workspace on first use (measured on an H100: a float32 expert layer's first call allocated it)
+    out = _grouped_mm_in_any_dtype(tracker, func, args, kwargs)
+    bf16 = args[0].dtype == torch.bfloat16 and args[1].dtype == torch.bfloat16
+    if not (bf16 and tracker.target.gpu.capability in ((9, 0), (10, 0))):
+        cublas_handle_workspace(tracker)
+    return out
+
+
 if hasattr(torch.ops.aten, "_grouped_mm"):  # PyTorch 2.8 and later
-    for _rules in (CPU_RULES, CUDA_RULES):
-        _rules.op(torch.ops.aten._grouped_mm.default)(_grouped_mm_in_any_dtype)
+    CPU_RULES.op(torch.ops.aten._grouped_mm.default)(_grouped_mm_in_any_dtype)
+    CUDA_RULES.op(torch.ops.aten._grouped_mm.default)(_grouped_mm_on_cuda)
 
 
 _GEMMS = [getattr(torch.ops.aten, name).default for name in (
@@ -473,15 +515,21 @@ def _cublas_workspace(tracker, func, args, kwargs):
     # engine runs CUDA backward on its own device thread, so backward's first GEMM gets a second one
     # (measured on an H100, PyTorch 2.11: 32 MiB on each thread).
     out = func(*args, **kwargs)
-    thread = "autograd thread" if tracker.where.phase is Phase.BACKWARD else "main thread"
-    tracker.allocate_persistent(("cublas", thread), tracker.target.gpu.cublas_workspace_bytes(),
-                                Category.WORKSPACE, f"cuBLAS workspace ({thread})")
+    thread = cublas_handle_workspace(tracker)
     lt = cublaslt_workspace_bytes() if _uses_cublaslt(func, args, kwargs) else 0
     if lt and (2, 9) <= TORCH_VERSION:
         tracker.allocate_persistent(("cublaslt", thread), lt, Category.WORKSPACE, f"cuBLASLt workspace ({thread})")
     elif lt:
         tracker.allocate_scratch(lt, "cuBLASLt workspace")()
     return out
+
+
+def cublas_handle_workspace(tracker) -> str:
+    """The running thread's cuBLAS workspace, allocated at its first cuBLAS call and kept; returns the thread."""
+    thread = "autograd thread" if tracker.where.phase is Phase.BACKWARD else "main thread"
+    tracker.allocate_persistent(("cublas", thread), tracker.target.gpu.cublas_workspace_bytes(),
+                                Category.WORKSPACE, f"cuBLAS workspace ({thread})")
+    return thread
 
 
 def cublaslt_workspace_bytes(environ=os.environ) -> int:

