@@ -607,6 +607,7 @@ def test_cublaslt_workspace_by_version(monkeypatch):
     # A Linear with a bias runs addmm through cuBLASLt (Blas.cpp, addmm_out_cuda_impl), which has its own
     # 1 MiB workspace. PyTorch 2.9-2.11 keep one per thread (measured on an H100 with 2.11: 1,048,576 B
     # beside the 32 MiB cuBLAS workspace); 2.5-2.8 allocate it in each call; later releases share cuBLAS's.
+    monkeypatch.delenv("TORCH_CUBLASLT_UNIFIED_WORKSPACE")
     monkeypatch.setattr(targets, "TORCH_VERSION", (2, 11))
     r = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", gpu="H100", steps=2)
     assert cublaslt(r) == [("cuBLASLt workspace (main thread)", 1024 * 1024, "forward", True)]  # backward runs mm
@@ -618,6 +619,7 @@ def test_cublaslt_workspace_by_version(monkeypatch):
 
 
 def test_cublaslt_workspace_settings(monkeypatch):
+    monkeypatch.delenv("TORCH_CUBLASLT_UNIFIED_WORKSPACE")
     monkeypatch.setattr(targets, "TORCH_VERSION", (2, 11))
     monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "4096")
     assert cublaslt(memtrace.report(make_mlp(), (3, 4), gpu="H100"))[0][1] == 4 * 1024 * 1024
