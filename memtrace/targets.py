@@ -205,9 +205,25 @@ def cuda_sdp_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa=False,
     alignment = 8 if half else 4  # 16-byte aligned rows
     dtypes = (torch.float32, torch.float16, torch.bfloat16) if capability >= (8, 0) else (torch.float32, torch.float16)
     if (q.dtype in dtypes and same_heads and head_dim % alignment == 0 and v.shape[-1] % alignment == 0
-            and capability >= (5, 0)):
+            and capability >= (5, 0) and _mask_fits_fused_kernels(q, k, attn_mask)):
         return "efficient"
     return "math"
+
+
+def _mask_fits_fused_kernels(q, k, attn_mask) -> bool:
+    # sdp_utils_cpp.h, check_attn_mask_shape: a mask that requires grad (T5's learned position bias, say)
+    # goes to the math backend, as does one that is not 2-D or 4-D broadcastable to [B, H, L, S] (an H100
+    # with PyTorch 2.11 picked math for T5's position bias, memory-efficient for the same mask without grad)
+    if attn_mask is None:
+        return True
+    if attn_mask.requires_grad:
+        return False
+    batch, heads, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if attn_mask.shape[-2] not in (lq, 1) or attn_mask.shape[-1] not in (lk, 1):
+        return False
+    if attn_mask.dim() == 2:
+        return True
+    return attn_mask.dim() == 4 and attn_mask.shape[0] in (1, batch) and attn_mask.shape[1] in (1, heads)
 
 
 @CUDA_RULES.function(F.scaled_dot_product_attention)

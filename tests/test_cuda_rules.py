@@ -140,6 +140,21 @@ def test_backend_choice(dtype, head_dim, mask, expected):
     assert cuda_sdp_backend(q, q, q, m, 0.0, False) == expected
 
 
+@pytest.mark.parametrize("shape, requires_grad, expected", [
+    ((16, 16), False, "efficient"),
+    ((1, 4, 16, 16), False, "efficient"),
+    ((2, 1, 1, 16), False, "efficient"),  # broadcast over heads and queries
+    ((1, 4, 16, 16), True, "math"),  # a learned bias (T5's relative positions): math, as an H100 chose
+    ((4, 16, 16), False, "math"),  # 3-D: check_attn_mask_shape takes only 2-D and 4-D masks
+    ((2, 3, 16, 16), False, "math"),  # 3 heads against 4
+])
+def test_float_masks_the_fused_kernels_refuse(shape, requires_grad, expected):
+    with torch.device("meta"):
+        q = torch.empty(2, 4, 16, 64, dtype=torch.float32, requires_grad=True)
+        m = torch.empty(shape, requires_grad=requires_grad)
+    assert cuda_sdp_backend(q, q, q, m, 0.0, False) == expected
+
+
 @pytest.mark.parametrize("capability, head_dim, dropout, requires_grad, expected", [
     ((8, 9), 200, 0.0, True, "efficient"),  # flash's backward takes no head dim in (192, 224] on sm86-89
     ((12, 0), 224, 0.0, True, "efficient"),  # nor on sm120-121
