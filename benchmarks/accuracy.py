@@ -167,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizers", default="adam,sgd", help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the real step runs")
     ap.add_argument("--amp", default="off", help=f"comma-separated AMP modes, from {', '.join(AMP_MODES)}")
+    ap.add_argument("--full-size", action="store_true", help="models at training sizes (benchmarks/models.py, "
+                                                              "FULL_SIZE; for a GPU) instead of the suite")
     ap.add_argument("--shard", default="1/1", help="K/N: run the K-th of every N models (1-based)")
     ap.add_argument("--rows-json", help="also write the rows to this JSON file")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="print the rows of these --rows-json files as one table")
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
         ap.error(f"--amp: unknown {[a for a in amps if a not in AMP_MODES]}; valid: {', '.join(AMP_MODES)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False)")
-    cases = select(args.only, args.quick)
+    cases = select(args.only, args.quick, args.full_size)
     k, n = (int(x) for x in args.shard.split("/"))
     cases = cases[k - 1::n]
     if args.traces:

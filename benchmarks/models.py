@@ -154,13 +154,28 @@ SUITE: tuple[Case, ...] = (
 )
 
 
-def select(only: str | None = None, quick: bool = False) -> list[Case]:
-    """The cases to run: one by name (``only``, comma-separated names allowed), the quick subset, or all."""
+# Models at the sizes people train, for a GPU (their real step needs 3 to 35 GiB, the most for the float32
+# LLaMA with AdamW): ``accuracy.py --full-size``.
+FULL_SIZE: tuple[Case, ...] = (
+    Case("resnet50_b64", _tv("resnet50"), (64, 3, 224, 224)),
+    Case("vit_b_16_b32", _tv("vit_b_16"), (32, 3, 224, 224)),
+    Case("gpt2_124m_b8", lambda: gpt2(n_layer=12, vocab=50257), _tokens(8, 1024)),
+    Case("bert_base_b32", lambda: bert(hidden=768, layers=12, heads=12, intermediate=3072, vocab=30522),
+         _tokens(32, 512)),
+    Case("llama_840m_b2", lambda: llama(hidden=2048, intermediate=5632, layers=16, heads=32, kv_heads=4,
+                                        vocab=32000), _tokens(2, 2048)),
+)
+
+
+def select(only: str | None = None, quick: bool = False, full_size: bool = False) -> list[Case]:
+    """The cases to run: one by name (``only``, comma-separated names allowed), the quick subset, or all;
+    ``full_size`` picks from FULL_SIZE instead of the suite."""
+    suite = FULL_SIZE if full_size else SUITE
     if only:
         names = [n.strip() for n in only.split(",") if n.strip()]
-        known = {c.name: c for c in SUITE}
+        known = {c.name: c for c in suite}
         missing = [n for n in names if n not in known]
         if missing:
             raise SystemExit(f"unknown case(s) {missing}; valid: {', '.join(known)}")
         return [known[n] for n in names]
-    return [c for c in SUITE if c.quick] if quick else list(SUITE)
+    return [c for c in suite if c.quick] if quick else list(suite)
