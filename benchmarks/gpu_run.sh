@@ -3,7 +3,7 @@
 #   versions.txt (nvidia-smi, torch, CUDA, cuDNN), cuda_checks.md (benchmarks/cuda_checks.py),
 #   test_against_cuda.txt (the suite's GPU tests), accuracy.md (the accuracy suite on CUDA, 3 optimizers x
 #   3 AMP modes, merged from SHARDS processes), full_size.md (models at training sizes, AdamW, float32 and
-#   bf16 AMP), traces/ (allocator traces of the accuracy cases off by more
+#   bf16 AMP), cli_verify.txt (the command line's --verify on the README's ResNet-50), traces/ (allocator traces of the accuracy cases off by more
 #   than 0.1 %), and each script's stderr. The parts run side by side: each process has its own caching
 #   allocator and its own peak statistics, so they do not disturb one another's numbers; each has its own
 #   time limit, so a slow part still leaves the others' results. Run from the repository root:
@@ -30,6 +30,8 @@ done
 timeout "$limit" python benchmarks/accuracy.py --device cuda --full-size --optimizers adamw --amp off,bf16 \
     --rows-json "$out/full_size.json" --traces "$out/traces" --trace-above 0.5 --markdown \
     > "$out/full_size.md" 2> "$out/full_size.err" &
+timeout "$limit" memtrace torchvision.models:resnet50 --input-shape 3,224,224 --batch-size 64 --amp fp16 --depth 1 \
+    --verify > "$out/cli_verify.txt" 2>&1 &
 wait
 python benchmarks/accuracy.py --device cuda --markdown --merge $(seq -f "$out/accuracy.%g.json" 1 "$shards") \
     > "$out/accuracy.md"
