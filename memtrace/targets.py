@@ -277,6 +277,24 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+@CUDA_RULES.function(F.multi_head_attention_forward)
+def _multi_head_attention_as_on_cuda(target, func, args, kwargs):
+    # nn.MultiheadAttention (torchvision's ViT, nn.Transformer) calls scaled_dot_product_attention from
+    # inside F.multi_head_attention_forward, a Python function that a torch-function mode sees whole: while
+    # a mode handles a call it is off, so the inner call would take the CPU's backend. The attention rule is
+    # put in its place for the call (the body looks the name up in torch.nn.functional when it runs).
+    original = F.scaled_dot_product_attention
+
+    def attention(*a, **k):
+        return _attention_as_on_cuda(target, original, a, k)
+
+    F.scaled_dot_product_attention = attention
+    try:
+        return func(*args, **kwargs)
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 @CUDA_RULES.op(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
 def _flash_backward_scratch(tracker, func, args, kwargs):
     # aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp, mha_bwd: after dq, dk, dv it allocates
@@ -674,9 +692,9 @@ def target_for(device: str, gpu: GPU | None = None, alloc_conf: str | None = Non
         notes=(
             f"CUDA target ({gpu.name}, {gpu.sm}): caching-allocator rounding and block reuse, foreach "
             "optimizers, host-side step counters, fused dropout masks, CUDA's autocast lists, the flash / "
-            "memory-efficient attention choice and those kernels' scratch, float32 norm statistics and the "
-            "fused RMSNorm, and cuBLAS workspaces (one per thread: the autograd thread's is unverified) are "
-            "modelled.",
+            "memory-efficient / math attention choice and those kernels' scratch, float32 norm statistics and "
+            "the fused RMSNorm, the reduction kernel's partial sums, and the cuBLAS and cuBLASLt workspaces "
+            "(one per thread) are modelled.",
             *allocator_notes,
         ),
     )
