@@ -317,6 +317,17 @@ def end_to_end_rows(gpu, dev, traces: str | None = None) -> list[list]:
     return rows
 
 
+def backend_agreement(ours: str, theirs: str) -> str:
+    """'same' where memtrace predicts PyTorch's backend; cuDNN attention (sm90/sm100, PyTorch 2.10+) where
+    memtrace predicts flash keeps the same tensors and scratch (section 3), so it is counted as agreeing."""
+    theirs = theirs.replace("_attention", "")
+    if ours == theirs:
+        return "same"
+    if theirs == "cudnn" and ours == "flash":
+        return "same memory (cuDNN for flash)"
+    return "differs"
+
+
 # ---- 6. attention backends inside the suite models ---------------------------------------------------------
 def suite_backend_rows(gpu, dev) -> list[list]:
     """For every scaled_dot_product_attention call in one real forward of each suite model (fp32 and both
@@ -363,7 +374,7 @@ def suite_backend_rows(gpu, dev) -> list[list]:
             finally:
                 F.scaled_dot_product_attention = original
             for (ours, theirs, what), n in sorted(seen.items()):
-                rows.append([case.name, amp, what, n, ours, theirs, "" if ours == theirs else "differs"])
+                rows.append([case.name, amp, what, n, ours, theirs, backend_agreement(ours, theirs)])
             if not seen:
                 rows.append([case.name, amp, "no scaled_dot_product_attention call", 0, "-", "-", ""])
         del model

@@ -347,7 +347,8 @@ def cudnn_attention_note() -> str:
     return ("On this GPU, PyTorch 2.10 and later run cuDNN attention where flash is predicted if their cuDNN is "
             f"newer than 9.15.0 (sdp_utils.cpp, check_prefer_cudnn_attention; {here}). It saves the same output "
             "and float32 softmax statistics; its backward workspace is taken to be flash's scratch (float32 "
-            "accumulators, and per-query-head dk/dv for grouped key/value heads), not verified on a GPU.")
+            "accumulators, and per-query-head dk/dv for grouped key/value heads): on an H100 with PyTorch 2.11 and "
+            "cuDNN 9.19 they were equal to the byte.")
 
 
 @CUDA_RULES.op(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)
