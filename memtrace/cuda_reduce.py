@@ -500,55 +500,21 @@ def reduce_launches(input_shape: Sequence[int],
     return res
 
 
-def reduce_scratch_bytes(input_shape: Sequence[int],
-                         input_strides: Optional[Sequence[int]] = None,
-                         reduce_dims: Optional[Sequence[int]] = None,
-                         input_dtype_itemsize: int = 4,
-                         acc_itemsize: int = 4,
-                         output_itemsize: Optional[int] = None,
-                         *,
-                         keepdim: bool = False,
-                         sm_count: int = 132,
-                         max_threads_per_sm: int = 2048,
-                         warp_size: int = 32,
-                         vt0: int = 4,
-                         input_vec_size: Optional[int] = None,
-                         max_num_threads: int = 512,
-                         output_strides: Optional[Sequence[int]] = None,
-                         input_storage_offset: int = 0,
-                         rocm: bool = False,
-                         legacy_25: bool = False) -> Tuple[int, int]:
-    """Requested bytes of (staging buffer, semaphores) allocated by
-    ``gpu_reduce_kernel`` for one reduction; (0, 0) if there's no global reduce.
+def reduce_scratch_bytes(*args, **kwargs) -> Tuple[int, int]:
+    """Requested bytes of (staging buffer, semaphores) allocated by ``gpu_reduce_kernel`` for one
+    reduction, (0, 0) if there is no global reduce; takes ``reduce_launches``' arguments:
 
-    input_shape / input_strides: logical sizes and strides (elements) of the
-        reduced tensor (strides default: contiguous).
-    reduce_dims: dims reduced (None or [] = all).
-    input_dtype_itemsize: sizeof(scalar_t) of the *kernel input* (e.g. 2 for
-        bf16 even when dtype=float output is requested).
-    acc_itemsize: sizeof(arg_t) = accumulation type: 4 for sum/mean/norm of
-        f16/bf16/f32, 8 for f64 / int64 sums, 16 for Welford (var/std), etc.
-    output_itemsize: output element size (only matters for the 64-bit split's
-        AccumulationBuffer; see reduce_launches).
-    vt0 / input_vec_size: template params (sum/mean: vt0=4, input_vec_size=8
-        for 16-bit inputs in current main, else 4; var/std: vt0=2). They only
-        change the block shape when the reduction is over the fastest dim with
-        <~4096 inputs/output, which never global-reduces.
-    max_num_threads: mnt_wrapper<scalar_t>::MAX_NUM_THREADS (256 for complex128).
-    sm_count / max_threads_per_sm: cudaDeviceProp multiProcessorCount /
-        maxThreadsPerMultiProcessor (H100 SXM: 132 / 2048; A100: 108 / 2048).
+    input_shape / input_strides: logical sizes and strides (elements) of the reduced tensor (strides
+        default: contiguous); reduce_dims: dims reduced (None or [] = all);
+    input_dtype_itemsize: sizeof(scalar_t) of the kernel's input (2 for bf16 even when a float output is
+        asked for); acc_itemsize: sizeof(arg_t), the accumulation type: 4 for sum/mean/norm of
+        f16/bf16/f32, 8 for f64 and int64 sums, 16 for Welford (var/std);
+    sm_count / max_threads_per_sm: cudaDeviceProp multiProcessorCount / maxThreadsPerMultiProcessor
+        (H100 SXM: 132 / 2048; A100: 108 / 2048).
 
-    If the iterator needs 64-bit indexing it is split into several launches,
-    each allocating/freeing its own pair; the max over launches is returned
-    (that's the peak, since they are freed between launches).
-    """
-    ls = reduce_launches(input_shape, input_strides, reduce_dims, input_dtype_itemsize,
-                         acc_itemsize, output_itemsize, keepdim=keepdim, sm_count=sm_count,
-                         max_threads_per_sm=max_threads_per_sm, warp_size=warp_size, vt0=vt0,
-                         input_vec_size=input_vec_size, max_num_threads=max_num_threads,
-                         output_strides=output_strides,
-                         input_storage_offset=input_storage_offset, rocm=rocm,
-                         legacy_25=legacy_25)
-    if not ls:
+    An iterator that needs 64-bit indexing is split into launches that each allocate and free their own
+    pair; the largest is returned, since they never overlap."""
+    launches = reduce_launches(*args, **kwargs)
+    if not launches:
         return (0, 0)
-    return (max(l["buffer_bytes"] for l in ls), max(l["semaphore_bytes"] for l in ls))
+    return (max(launch["buffer_bytes"] for launch in launches), max(launch["semaphore_bytes"] for launch in launches))

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 import memtrace
 from memtrace import Category, Phase, TraceError
 from memtrace import targets
-from memtrace.cuda_reduce import reduce_launches
+from memtrace.cuda_reduce import reduce_launches, reduce_scratch_bytes
 from memtrace.targets import TORCH_VERSION, cuda_sdp_backend
 
 from tiny_models import EvenExperts, NormBlock, make_mlp
@@ -600,6 +600,8 @@ def test_reduction_scratch_matches_the_h100():
         if got != measured:
             mismatches.append((shape, strides, dims, dtype, op, measured, got))
     assert len(data["cases"]) == 424 and not mismatches
+    # the bias gradient of a 2048-wide Linear over 4096 tokens, in bf16, as the H100 allocated it
+    assert reduce_scratch_bytes([4096, 2048], None, [0], 2, 4) == (67108864, 64)
 
 
 def reduction_scratch(r):
