@@ -12,13 +12,14 @@ CPU every case within 1 % and the median within 0.2 %; on CUDA the median within
     python benchmarks/accuracy.py --quick         # a small subset
     python benchmarks/accuracy.py --only gpt2,t5 --optimizers adam,sgd,adamw --markdown
     python benchmarks/accuracy.py --device cuda --optimizers sgd,adam,adamw --amp off,fp16,bf16
+    python benchmarks/accuracy.py --device cuda --full-size --optimizers adamw --amp off,bf16   # training sizes
 
 Several processes can share the suite (``--shard 2/4`` runs every fourth model from the second, and
 ``--rows-json`` keeps its rows); ``--merge a.json b.json ...`` prints their rows as one table.
 ``--traces DIR`` (CUDA) keeps, for each case off by more than ``--trace-above`` percent, the real run's
 allocator trace and the predicted one, for offline diagnosis: ``DIR/<case>.real.pkl.gz`` holds the
 ``(action, size, address)`` of every allocator event of ``measure`` and ``DIR/<case>.predicted.pkl.gz``
-the report's snapshot (``memtrace.snapshot``).
+the report's snapshot (``memtrace.snapshot``); ``benchmarks/trace_diff.py`` compares the two.
 """
 
 from __future__ import annotations
