@@ -24,37 +24,26 @@ the report's snapshot (``memtrace.snapshot``); ``benchmarks/trace_diff.py`` comp
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
-import pickle
 import signal
 import statistics
 import sys
 import time
 
-from common import MiB, OPTIMIZERS, header, log, quiet_stderr, short_error, suite_arguments
+from common import (MiB, OPTIMIZERS, header, log, quiet_stderr, save_traces, short_error, start_allocator_trace,
+                    stop_allocator_trace, suite_arguments)
 
 import torch
 from tabulate import tabulate
 
 import memtrace
 from memtrace.gpus import present
-from memtrace.snapshot import snapshot
 from models import select
 
 # (max |error| %, median |error| %, largest under-estimate %) per device
 TARGETS = {"cpu": (1.0, 0.2, 1.0), "cuda": (3.0, 1.0, 2.0)}
 AMP_MODES = ("off", "fp16", "bf16")
-
-
-def _real_trace(record: bool):
-    """The allocator events since recording began, as (action, size, address) tuples; stops recording."""
-    if not record:
-        return None
-    events = [(e["action"], e["size"], e["addr"]) for e in torch.cuda.memory._snapshot()["device_traces"][0]]
-    torch.cuda.memory._record_memory_history(enabled=None)
-    return events
 
 
 def run_case(case, model, opt_name: str, device: str, amp: str, traces: str | None = None,
@@ -78,30 +67,23 @@ def run_case(case, model, opt_name: str, device: str, amp: str, traces: str | No
     record = traces is not None and device == "cuda"
     try:
         if record:
-            try:
-                torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python",
-                                                         clear_history=True)
-            except TypeError:  # before clear_history: stopping recording is enough to start afresh
-                torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python")
+            start_allocator_trace()
         with quiet_stderr():
             meas = memtrace.measure(model, **kwargs)
-        real_trace = _real_trace(record)
+        real_trace = stop_allocator_trace() if record else None
         row["measured"] = meas.peak_bytes
         row["measured_reserved"] = meas.reserved_peak_bytes
         row["meas_phase"] = max(meas.peak_by_phase, key=meas.peak_by_phase.get) if meas.peak_by_phase else "?"
     except Exception as exc:
-        _real_trace(record)
+        if record:
+            stop_allocator_trace()
         row["measure_error"] = short_error(exc)
     row["measure_s"] = time.perf_counter() - t
     if "predicted" in row and "measured" in row:
         row["error_pct"] = (row["predicted"] - row["measured"]) / row["measured"] * 100
         if real_trace is not None and abs(row["error_pct"]) > trace_above:
-            stem = os.path.join(traces, f"{case.name}.{opt_name}.{amp}")
-            with gzip.open(stem + ".real.pkl.gz", "wb") as f:
-                pickle.dump({"events": real_trace, "measured": row["measured"],
-                             "peak_by_phase": meas.peak_by_phase}, f)
-            with gzip.open(stem + ".predicted.pkl.gz", "wb") as f:
-                pickle.dump(snapshot(rep), f)
+            save_traces(os.path.join(traces, f"{case.name}.{opt_name}.{amp}"), real_trace, rep,
+                        measured=row["measured"], peak_by_phase=meas.peak_by_phase)
     return row
 
 

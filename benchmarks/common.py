@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gzip
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -97,3 +99,33 @@ def suite_arguments(description: str):
     ap.add_argument("--quick", action="store_true", help="a small subset of the suite")
     ap.add_argument("--markdown", action="store_true", help="print the table as GitHub markdown")
     return ap
+
+
+def start_allocator_trace() -> None:
+    """Record the CUDA caching allocator's events from now on, without stacks, dropping earlier ones."""
+    import torch
+
+    try:
+        torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python", clear_history=True)
+    except TypeError:  # before clear_history: a stopped recording starts afresh
+        torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python")
+
+
+def stop_allocator_trace() -> list[tuple[str, int, int]]:
+    """The events since start_allocator_trace() as (action, size, address); stops recording."""
+    import torch
+
+    events = [(e["action"], e["size"], e["addr"]) for e in torch.cuda.memory._snapshot()["device_traces"][0]]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    return events
+
+
+def save_traces(stem: str, events: list, report, **about) -> None:
+    """``stem.real.pkl.gz`` (the real run's allocator events and ``about`` it) and ``stem.predicted.pkl.gz``
+    (the report's snapshot), as benchmarks/trace_diff.py reads them."""
+    from memtrace.snapshot import snapshot
+
+    with gzip.open(stem + ".real.pkl.gz", "wb") as f:
+        pickle.dump({"events": events, **about}, f)
+    with gzip.open(stem + ".predicted.pkl.gz", "wb") as f:
+        pickle.dump(snapshot(report), f)

@@ -25,13 +25,11 @@ rounding does not blur them. Prints Markdown; paste it into benchmarks/RESULTS.m
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
-import pickle
 import statistics
 import sys
 
-from common import MiB, header
+from common import MiB, header, save_traces, start_allocator_trace, stop_allocator_trace
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +39,6 @@ from torch import nn
 import memtrace
 from memtrace.cutlass_attention import efficient_backward_scratch
 from memtrace.gpus import lookup, present
-from memtrace.snapshot import snapshot
 from memtrace.targets import (cublaslt_workspace_bytes, cuda_sdp_backend, cudnn_workspace_estimate,
                               flash_backward_scratch)
 from tests.tiny_models import EvenExperts, NormBlock  # the blocks tests/test_against_cuda.py checks
@@ -296,18 +293,12 @@ def end_to_end_rows(gpu, dev, traces: str | None = None) -> list[list]:
             measured = None
             if dev is not None:
                 if traces:
-                    torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python")
+                    start_allocator_trace()
                 measured = memtrace.measure(model, **kwargs).peak_bytes
                 if traces:
-                    events = [(e["action"], e["size"], e["addr"])
-                              for e in torch.cuda.memory._snapshot()["device_traces"][0]]
-                    torch.cuda.memory._record_memory_history(enabled=None)
+                    events = stop_allocator_trace()
                     if predicted != measured:
-                        stem = os.path.join(traces, f"block{i}")
-                        with gzip.open(stem + ".real.pkl.gz", "wb") as f:
-                            pickle.dump({"label": label, "events": events, "measured": measured}, f)
-                        with gzip.open(stem + ".predicted.pkl.gz", "wb") as f:
-                            pickle.dump(snapshot(rep), f)
+                        save_traces(os.path.join(traces, f"block{i}"), events, rep, label=label, measured=measured)
         except Exception as exc:  # one case failing must not lose the others' rows
             rows.append([label, f"failed: {type(exc).__name__}: {str(exc)[:120]}", "-", "-", "-"])
             continue
