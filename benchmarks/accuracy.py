@@ -137,6 +137,13 @@ def summary(rows: list[dict], device: str) -> list[str]:
     return lines
 
 
+def print_results(rows: list[dict], args) -> None:
+    print(table(rows, args.markdown, TARGETS[args.device][0]))
+    print()
+    for line in summary(rows, args.device):
+        print(line)
+
+
 class _Stopped(BaseException):  # not an Exception: a case's own error handling must not catch it
     pass
 
@@ -166,10 +173,7 @@ def main(argv=None) -> int:
                     rows += json.load(f)
             else:
                 print(f"{path}: missing (that shard wrote no rows)")
-        print(table(rows, args.markdown, TARGETS[args.device][0]))
-        print()
-        for line in summary(rows, args.device):
-            print(line)
+        print_results(rows, args)
         return 0
     opts = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     bad = [o for o in opts if o not in OPTIMIZERS]
@@ -217,10 +221,7 @@ def main(argv=None) -> int:
     except _Stopped:
         total = len(cases) * len(opts) * len(amps)
         print(f"stopped by its time limit after {len(rows)} of {total} cases\n")
-    print(table(rows, args.markdown, TARGETS[args.device][0]))
-    print()
-    for line in summary(rows, args.device):
-        print(line)
+    print_results(rows, args)
     print(f"wall time: {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -359,7 +359,7 @@ def set_reduce_config(it: _Iter, *, acc_itemsize: int, scalar_size: int,
                       vt0: int = 4, input_vec_size: Optional[int] = None,
                       sm_count: int = 132, max_threads_per_sm: int = 2048,
                       warp_size: int = 32, max_num_threads: int = 512,
-                      rocm: bool = False, legacy_25: bool = False) -> ReduceConfig:
+                      legacy_25: bool = False) -> ReduceConfig:
     """Port of ``setReduceConfig<arg_t, scalar_t, vt0, input_vec_size>(iter)``."""
     if input_vec_size is None:
         input_vec_size = vt0
@@ -404,7 +404,7 @@ def set_reduce_config(it: _Iter, *, acc_itemsize: int, scalar_size: int,
     else:
         cfg.output_mult[0] = cfg.split_output(bw)
 
-    min_vpt = 128 if rocm else 16
+    min_vpt = 16
     max_vpt = 256
     warp_split_threshold = min(bh * 16, max_vpt)
     if cfg.values_per_thread() >= warp_split_threshold:
@@ -421,8 +421,6 @@ def set_reduce_config(it: _Iter, *, acc_itemsize: int, scalar_size: int,
         c3 = div_up(cfg.values_per_thread(), max_vpt)
         cfg.ctas_per_output = max(min(c1, c2), c3)   # == std::clamp(c1, c3, c2) in 2.14
         if cfg.ctas_per_output > 1:
-            if rocm:
-                cfg.ctas_per_output = max(cfg.ctas_per_output, 64)
             cfg.input_mult[2] = cfg.split_input(cfg.ctas_per_output)
     return cfg
 
@@ -447,7 +445,6 @@ def reduce_launches(input_shape: Sequence[int],
                     output_strides: Optional[Sequence[int]] = None,
                     input_storage_offset: int = 0,
                     can_accumulate_in_output: Optional[bool] = None,
-                    rocm: bool = False,
                     legacy_25: bool = False) -> List[dict]:
     """One dict per kernel launch of ``gpu_reduce_kernel`` (several only when
     the iterator needs 64-bit indexing and is split by ``with_32bit_indexing``).
@@ -483,7 +480,7 @@ def reduce_launches(input_shape: Sequence[int],
                                 input_vec_size=input_vec_size, sm_count=sm_count,
                                 max_threads_per_sm=max_threads_per_sm,
                                 warp_size=warp_size, max_num_threads=max_num_threads,
-                                rocm=rocm, legacy_25=legacy_25)
+                                legacy_25=legacy_25)
         res.append(dict(
             buffer_bytes=cfg.global_memory_size(),
             semaphore_bytes=cfg.semaphore_size(),
