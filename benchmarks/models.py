@@ -134,6 +134,21 @@ class LSTMLanguageModel(nn.Module):
         return out
 
 
+class ElementwiseMLP(nn.Module):
+    """Linear, a chain of elementwise ops, Linear: a transformer's MLP block with its activation written out.
+    The chain reads ``h`` three times (``tanh(h)``, ``h * sigmoid(h)``), so three gradients meet at ``h`` in
+    backward and the autograd engine sums the second and the third into the first, in place."""
+
+    def __init__(self, dim=1024, hidden=4096):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        h = F.gelu(self.up(x))
+        return self.down(torch.tanh(h) * 0.5 + 1 + h * torch.sigmoid(h))
+
+
 # ---- the suite ----------------------------------------------------------------------------------------
 
 SUITE: tuple[Case, ...] = (
@@ -151,6 +166,7 @@ SUITE: tuple[Case, ...] = (
     Case("mixtral", mixtral, _tokens(2, 256)),
     Case("t5", t5, _tokens(2, 128)),
     Case("lstm_lm", LSTMLanguageModel, _tokens(8, 128), quick=True),
+    Case("mlp_elementwise", ElementwiseMLP, (1024, 1024), quick=True),
 )
 
 

@@ -318,10 +318,13 @@ class StorageTracker(TorchDispatchMode):
         A marked sum (its buffered operand dense and not a view) was in place exactly when that operand
         was released right after the add, before any other op ran: it had no other reference. The sum
         then takes over the operand's allocation: its record starts where the operand's did and the
-        operand's record disappears.
+        operand's record disappears. Where three or more gradients meet, the engine sums each into the
+        previous in-place sum: a sum whose operand has itself taken over an allocation takes that allocation
+        over in turn, so the storage made by the first gradient's op carries the whole chain.
         Returns, for each old event position, the new position, for whoever kept positions."""
         ops = self.event_ops
         replace: dict[tuple[int, bool], tuple[int, bool] | None] = {}
+        shown_at: dict[int, tuple[int, bool]] = {}  # fused sum -> the allocation event now showing it
         for pos, (index, is_alloc) in enumerate(self.events):
             rec = self.records[index]
             if not is_alloc or rec.sums_into is None:
@@ -332,7 +335,8 @@ class StorageTracker(TorchDispatchMode):
                     break
                 operand = self.records[other]
                 if other == rec.sums_into and operand.nbytes == rec.nbytes and operand.birth is None:
-                    replace[(other, True)] = (index, True)
+                    first = shown_at.pop(other, (other, True))
+                    replace[first], shown_at[index] = (index, True), first
                     replace[(other, False)] = None
                     replace[(index, True)] = None
                     operand.nbytes = 0

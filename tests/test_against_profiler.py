@@ -203,6 +203,36 @@ def test_gradients_meeting_in_backward_are_summed_in_place():
     assert predicted.peak.phase.value == "backward"
 
 
+class ElementwiseChain(nn.Module):
+    """Linear(16, 64), an elementwise chain that uses its input ``h`` three times (``tanh(h)``,
+    ``h * sigmoid(h)``), Linear(64, 16): three gradients meet at ``h``."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 64)
+        self.down = nn.Linear(64, 16)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(torch.tanh(h) + h * torch.sigmoid(h))
+
+
+def test_three_gradients_meeting_are_summed_in_place_into_the_first():
+    # The engine buffers h's first gradient (MulBackward's g * sigmoid(h)) and adds the other two into it in
+    # place, one after the other, so that one [8, 64] buffer lives from the mul to the end. The second
+    # in-place sum's operand is the first sum, which had already taken over the buffer's allocation; the
+    # chain must follow it there, not leave the buffer ([batch, hidden]: 2 KiB here, 4 MiB in an MLP
+    # 1024 -> 4096 -> 1024 at batch 256) out of the timeline until the first sum, which put this peak
+    # 1,536 B low. At the peak, in SigmoidBackward:
+    #   parameters 4096 + 256 + 4096 + 64 = 8512, down's gradients 4096 + 64, x 512, out 512, loss 4,
+    #   ones_like 4, and six [8, 64] float32 tensors of 2048 B: tanh(h) and sigmoid(h) (saved), the
+    #   incoming gradient g, g * h (for the sigmoid branch), h's buffered gradient, sigmoid_backward's
+    #   output = 25992 B.
+    predicted, measured = compare(ElementwiseChain(), (8, 16), optimizer="sgd")
+    assert predicted.peak_bytes == measured.peak_bytes == 8512 + 4160 + 512 + 512 + 4 + 4 + 6 * 2048
+    assert predicted.peak.phase.value == peak_phase(measured) == "backward"
+
+
 class TiedHead(nn.Module):
     """An embedding whose weight is also the output projection, as in T5 and GPT-2."""
 
