@@ -205,8 +205,33 @@ def _names(values) -> set[str]:
     return out
 
 
+def _check_fields(spec: str, base, overrides: dict[str, Any]) -> None:
+    """A configuration class takes any keyword and keeps it as an attribute that the model never reads, so a
+    misspelt field would silently build the default-size model: refuse fields the class does not have."""
+    import difflib
+
+    known = set(base.to_dict()) | set(getattr(type(base), "attribute_map", {}))
+    for cls in type(base).__mro__:
+        if "__init__" in vars(cls):
+            known |= {n for n, p in inspect.signature(cls.__init__).parameters.items()
+                      if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
+    # a private attribute of the same name: a keyword the base class takes (attn_implementation)
+    unknown = [k for k in overrides if k not in known and not hasattr(base, k) and not hasattr(base, "_" + k)]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=3, cutoff=0.6)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        raise ModelSpecError(f"--model-kwargs field {unknown[0]!r} is not a field of {type(base).__name__} ({spec})"
+                             f"{hint}")
+
+
 def _build_hf(spec: str, make_config, overrides: dict[str, Any], task: str | None) -> BuiltModel:
     transformers = _transformers()
+    try:
+        with quiet_transformers():
+            base = make_config()
+    except Exception as exc:
+        raise ModelBuildError(f"{spec}: bad configuration: {type(exc).__name__}: {_first_line(exc)}") from exc
+    _check_fields(spec, base, overrides)
     try:
         with quiet_transformers():
             config = make_config(**overrides)
