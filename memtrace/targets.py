@@ -26,6 +26,7 @@ from .cuda_reduce import reduce_launches
 from .cutlass_attention import efficient_backward_scratch, efficient_forward_accumulator_bytes
 from .gpus import DEFAULT_GPU, GPU, lookup
 from .options import Category, Phase
+from .units import format_bytes
 
 
 def _release(version: str) -> tuple[int, int]:
@@ -56,8 +57,9 @@ class RuleSet:
     def function(self, *funcs):
         return self._register(self.functions, funcs)
 
-    def note_on(self, text: str, *funcs) -> None:
-        """Says ``text`` in the report of any step that calls one of ``funcs``."""
+    def note_on(self, text: str | Callable, *funcs) -> None:
+        """Says ``text`` in the report of any step that calls one of ``funcs``; a callable ``text(target,
+        args, kwargs)`` says what it returns for that call, if anything."""
         self._register(self.function_notes, funcs)(text)
 
     def _register(self, table: dict, keys):
@@ -88,7 +90,9 @@ class FunctionRules(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         text = self.notes.get(func)
-        if text is not None:
+        if callable(text):
+            text = text(self.target, args, kwargs or {})
+        if text:
             self.note(text)
         handler = self.table.get(func)
         if handler is None:
@@ -208,6 +212,29 @@ def cuda_sdp_backend(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa=False,
             and capability >= (5, 0) and _mask_fits_fused_kernels(q, k, attn_mask)):
         return "efficient"
     return "math"
+
+
+def _math_gqa_backward_note(target, args, kwargs) -> str | None:
+    """Grouped-query attention that CUDA runs on the math backend (float32: the fused kernels take 16-bit
+    grouped heads only): on an H100 its backward held one more [B, H, L, S] float32 tensor than the trace
+    shows (an 840M LLaMA at 2 x 2048 in float32 was 2.6% low), which no kernel rule accounts for yet."""
+    a = _arguments(_sdpa_signature, args, kwargs)
+    q, k, v = a["query"], a["key"], a["value"]
+    if autocast_dtype() is not None or not isinstance(q, torch.Tensor) or q.dim() != 4 or q.shape[1] == k.shape[1]:
+        return None
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return None
+    if cuda_sdp_backend(q, k, v, a["attn_mask"], a["dropout_p"], a["is_causal"], a["enable_gqa"],
+                        target.gpu.capability) != "math":
+        return None
+    extra = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * 4
+    return (f"Grouped-query attention in {str(q.dtype).removeprefix('torch.')} runs CUDA's math backend, whose "
+            f"backward held one more [batch, heads, query, key] float32 tensor on an H100 than this trace shows "
+            f"(benchmarks/RESULTS.md): the prediction may be low by up to {format_bytes(extra)} for attention of "
+            f"shape {list(q.shape)}.")
+
+
+CUDA_RULES.note_on(_math_gqa_backward_note, F.scaled_dot_product_attention)
 
 
 def _mask_fits_fused_kernels(q, k, attn_mask) -> bool:
@@ -459,10 +486,39 @@ def _cudnn_convolution(tracker, func, args, kwargs):
     return out
 
 
-CUDA_RULES.note_on(
-    "Recurrent layers are traced through the CPU kernels: cuDNN's RNN workspace and reserve space, which a "
-    "GPU run allocates instead, are not included.",
-    torch._VF.lstm, torch._VF.gru, torch._VF.rnn_tanh, torch._VF.rnn_relu)
+# cuDNN's RNN buffers for every layer, direction, token and hidden unit, workspace and reserve together, as
+# measured on an H100 (PyTorch 2.11, cuDNN 9.19) for a 2-layer LSTM of hidden 512 over 8 x 128 tokens:
+# float32 48,562,496 B of workspace + 23,134,464 B of reserve, 16-bit 32,670,016 + 11,600,128 B, for
+# 2 * 1024 * 512 of them (benchmarks/traces/lstm_lm.*). cudnnGetRNNTempSpaceSizes decides them, by the
+# algorithm it picks: one configuration does not make a model, so they bound a note, not a prediction.
+_CUDNN_RNN_BYTES_PER_UNIT = {4: 69, 2: 43}
+
+
+def _cudnn_rnn_note(target, args, kwargs) -> str | None:
+    """What the fake CPU run of a recurrent layer leaves out of a GPU run: cuDNN's RNN workspace (freed when
+    the call returns) and reserve space (kept for backward), with a bound scaled from an H100 measurement."""
+    packed = len(args) == 9 and isinstance(args[1], torch.Tensor) and not args[1].is_floating_point()
+    x, hx = args[0], args[2 if packed else 1]
+    layers, bidirectional = args[5 if packed else 4], args[8 if packed else 7]
+    h0 = hx[0] if isinstance(hx, (tuple, list)) else hx
+    if not isinstance(x, torch.Tensor) or not isinstance(h0, torch.Tensor):
+        return None
+    tokens = x.shape[0] if packed else x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+    hidden = h0.shape[-1]
+    dtype = autocast_dtype() or x.dtype
+    size = torch.empty((), dtype=dtype, device="meta").element_size()
+    per_unit = _CUDNN_RNN_BYTES_PER_UNIT.get(size, _CUDNN_RNN_BYTES_PER_UNIT[4])
+    bound = per_unit * layers * (2 if bidirectional else 1) * tokens * hidden
+    return (f"Recurrent layers are traced through the CPU kernels; on a GPU cuDNN runs them and allocates an RNN "
+            f"workspace (freed when the layer returns) and a reserve space (kept for backward) that are not in "
+            f"this prediction. For this layer ({layers} layer(s){', bidirectional' if bidirectional else ''}, "
+            f"hidden {hidden}, {tokens:,} tokens, {str(dtype).removeprefix('torch.')}) the prediction may be low by "
+            f"up to about {format_bytes(bound)}: {per_unit} B per layer, direction, token and hidden unit, the two "
+            f"buffers' size for an LSTM measured on an H100 (cuDNN 9.19); the real size is what cuDNN's algorithm "
+            f"asks for on the GPU used.")
+
+
+CUDA_RULES.note_on(_cudnn_rnn_note, torch._VF.lstm, torch._VF.gru, torch._VF.rnn_tanh, torch._VF.rnn_relu)
 
 
 def _grouped_mm_output(mat_a, mat_b, offs, out_dtype: torch.dtype) -> torch.Tensor:

@@ -669,3 +669,35 @@ def test_cublaslt_workspace_settings(monkeypatch):
     monkeypatch.delenv("DISABLE_ADDMM_CUDA_LT")
     no_bias = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 2, bias=False))
     assert cublaslt(memtrace.report(no_bias, (3, 4), gpu="H100")) == []  # mm runs on cuBLAS
+
+
+@pytest.mark.parametrize("amp, per_unit, dtype", [(False, 69, "float32"), ("bf16", 43, "bfloat16")])
+def test_recurrent_layers_say_how_low_the_prediction_may_be(amp, per_unit, dtype):
+    from tiny_models import LSTMNet
+
+    r = memtrace.report(LSTMNet(), (4, 32, 8), optimizer="sgd", device="cuda", amp=amp, steps=1)
+    (note,) = [n for n in r.notes if n.startswith("Recurrent layers")]
+    # 2 layers, 1 direction, 4 * 32 tokens, hidden 16: per_unit * 2 * 128 * 16 B
+    bound = per_unit * 2 * 128 * 16
+    assert f"(2 layer(s), hidden 16, 128 tokens, {dtype}) the prediction may be low by up to about " \
+           f"{memtrace.format_bytes(bound)}: {per_unit} B per layer" in note
+
+
+def test_float32_grouped_query_attention_says_how_low_the_prediction_may_be():
+    class GroupedAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.kv = nn.Linear(64, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q = self.q(x).view(b, n, 4, 16).transpose(1, 2)
+            k, v = self.kv(x).view(b, n, 2, 16).transpose(1, 2).chunk(2, dim=-1)
+            k, v = (t.repeat(1, 1, 1, 2)[..., :16].contiguous() for t in (k, v))  # 2 key/value heads of 16
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2).flatten(2)
+
+    r = memtrace.report(GroupedAttention(), (2, 128, 64), optimizer="sgd", device="cuda", steps=1)
+    (note,) = [n for n in r.notes if n.startswith("Grouped-query attention in float32 runs CUDA's math backend")]
+    assert f"may be low by up to {memtrace.format_bytes(2 * 4 * 128 * 128 * 4)}" in note  # [2, 4, 128, 128] float32
+    bf16 = memtrace.report(GroupedAttention(), (2, 128, 64), optimizer="sgd", device="cuda", steps=1, amp="bf16")
+    assert not any(n.startswith("Grouped-query") for n in bf16.notes)  # flash takes 16-bit grouped heads
