@@ -40,7 +40,7 @@ def report(
     optimizer: Any = "adam",
     optimizer_kwargs: dict | None = None,
     amp: Any = False,
-    dtype: Any = torch.float32,
+    dtype: Any = None,
     loss_fn: Any = None,
     device: Any = "cuda",
     steps: int = 2,
@@ -50,6 +50,7 @@ def report(
     verify: bool = False,
     checkpoint: Any = None,
     alloc_conf: str | None = None,
+    data_dependent: Any = None,
 ) -> Report:
     """Predict the peak allocated memory of ``steps`` training iterations of ``model``.
 
@@ -71,11 +72,18 @@ def report(
     ``alloc_conf="expandable_segments:True"`` predicts for those CUDA caching-allocator settings
     (``PYTORCH_CUDA_ALLOC_CONF``'s syntax); by default the environment's are used.
 
+    Ops whose output size depends on tensor values (``nonzero``, boolean masks, ``unique``, NMS) get the
+    largest size they allow, so the prediction is an upper bound for them; ``data_dependent=`` chooses
+    otherwise: a fraction of that size, a dict of ``"module"`` / ``"module:op"`` patterns to sizes (lists
+    of sizes, for successive calls), or a callable(site); ``memtrace.measure(..., record_data_dependent=
+    True)`` records the sizes a real run produced, in that form. Every choice is listed in
+    ``report.assumptions``.
+
     ``checkpoint="auto"`` traces the step with the model's repeated blocks (the children of an
     ``nn.ModuleList`` or ``nn.Sequential`` of same-typed modules) under non-reentrant activation
     checkpointing; a list of module names checkpoints those modules instead.
     """
-    from .engine import trace
+    from .engine import eager_module, trace
     from .gpus import present
     from .report import build_report
 
@@ -87,12 +95,13 @@ def report(
     if verify and gpu is None and str(device).startswith("cuda"):
         gpu = present()  # checked against this machine's GPU: predict for that card
 
+    eager = eager_module(model)  # a torch.compile'd model: its module (the report says it shows the eager step)
     options = parse_options(
-        model, input_shape=input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
+        eager, input_shape=input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
         amp=amp, dtype=dtype, loss_fn=loss_fn, device=device, steps=steps, accumulation_steps=accumulation_steps,
-        train=train, gpu=gpu, checkpoint=checkpoint, alloc_conf=alloc_conf,
+        train=train, gpu=gpu, checkpoint=checkpoint, alloc_conf=alloc_conf, data_dependent=data_dependent,
     )
-    result = build_report(model, options, trace(model, options))
+    result = build_report(eager, options, trace(model, options))
     if verify:
         from dataclasses import replace
 

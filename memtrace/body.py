@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 from .engine import (ModuleInfo, Trace, TraceError, _explain, _mark_optimizer_states, _quiet_fake_tensor_log,
                      _shape_of, preserved_rng)
+from .datadep import describe_choices
 from .options import Category, Options, Phase
 from .targets import FunctionRules, Target, target_for
 from .tracer import ModuleCall, StorageRecord, StorageTracker
@@ -304,7 +305,7 @@ def trace_callable(fn, options: Options) -> tuple[Trace, _BodySession]:
             ]
             rules = FunctionRules.for_target(target, tracker.note)
             with fake_mode, tracker, rules, _BodyMode(session), _autograd_backward_seen(session), \
-                    torch.autograd.graph.saved_tensors_hooks(lambda t: (tracker.mark_saved(t), t)[1], lambda t: t):
+                    tracker.saved_tensors_hooks():
                 try:
                     fn()
                     session.mark()
@@ -345,7 +346,7 @@ def _explain_body(exc: Exception, tracker: StorageTracker) -> Exception:
             "build the model and its inputs inside the body")
     if isinstance(exc, AssertionError):
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "assert"
-        values = "; ".join(f"{a.op} in {a.module} assumed {a.value!r}" for a in tracker.assumptions[:3])
+        values = "; ".join(describe_choices(tracker.assumptions)[:3])
         return TraceError(f"an assertion in the body failed on fake tensors, which have no values "
                           f"({values or 'no value was asked'}): AssertionError: {detail}")
     return _explain(exc, tracker)

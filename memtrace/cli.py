@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--optimizer", default="adam", choices=[*OPTIMIZERS, "none"])
     tr.add_argument("--optimizer-kwargs", type=_json_object, default=None, metavar="JSON")
     tr.add_argument("--amp", choices=["off", "fp16", "bf16"], default="off", help="automatic mixed precision")
-    tr.add_argument("--dtype", type=_dtype, default=torch.float32, help="parameter dtype (default float32)")
+    tr.add_argument("--dtype", type=_dtype, default=None,
+                    help="convert the parameters to this dtype, as model.to(dtype) would (default: as the model "
+                         "holds them)")
     tr.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="device to predict (default cuda)")
     tr.add_argument("--gpu", type=_gpu, help="the card of a CUDA run (default H100): decides kernels, workspaces "
                                              "and whether it fits")
@@ -227,9 +229,12 @@ def _inputs(args, built) -> dict[str, Any]:
         return {"inputs": token_inputs(built.module, args.batch_size or 1, args.seq_len, built.task)}
     if args.batch_size:
         raise UsageError("--batch-size goes with --input-shape or --seq-len; --input takes full shapes")
+    from .options import model_dtypes
+
     positional, named = [], {}
+    float_dtype = model_dtypes(built.module, args.dtype).input  # floating inputs in the parameters' dtype
     for name, shape, dtype in args.inputs:
-        t = torch.empty(shape, dtype=dtype or args.dtype, device="meta")
+        t = torch.empty(shape, dtype=dtype or float_dtype, device="meta")
         if name is None:
             if named:
                 raise UsageError("positional --input after a named one")

@@ -18,10 +18,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .options import Category, Options, Phase
-from .step import build_optimizer, make_inputs, run_steps
+from .step import build_optimizer, run_steps
 from .targets import FunctionRules, Target, target_for
+from .datadep import ITEM, SizePolicy
 from .flops import FlopCounter
-from .tracer import ModuleCall, StorageRecord, StorageTracker
+from .tracer import ModuleCall, SavedTensorModifiedError, StorageRecord, StorageTracker
 
 
 class TraceError(RuntimeError):
@@ -82,16 +83,40 @@ def _quiet_fake_tensor_log():
 
 
 def _fake_like(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A fake tensor of ``t``'s shape and strides; floating-point ones converted to ``dtype`` when given, as
+    ``Module.to(dtype)`` converts them."""
     dt = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
     return torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=dt, device="cpu")
 
 
+def _held_tensors(value, seen: set[int]):
+    """The tensors and modules reachable from a module's plain attribute: the value itself, or inside lists,
+    tuples, sets and dicts, nested (torchvision's anchor generator keeps its cell anchors in a list)."""
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, (torch.Tensor, torch.nn.Module)):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _held_tensors(v, seen)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for v in value:
+            yield from _held_tensors(v, seen)
+
+
 def _fake_copy(model: torch.nn.Module, options: Options, tracker: StorageTracker) -> torch.nn.Module:
     """Deep-copy ``model`` with fake tensors, created in the order ``Module.to()`` moves them (children
-    first, then parameters, then buffers), so the allocator model sees the same sequence."""
+    first, then parameters, then buffers), so the allocator model sees the same sequence. Tensors held in
+    plain attributes, also inside lists, tuples and dicts, are made fake too: ``Module.to()`` moves none of
+    them, but a deep copy must not copy their data."""
     memo: dict[int, object] = {}
+    visited: set[int] = set()
 
     def visit(module: torch.nn.Module) -> None:
+        if id(module) in visited:
+            return
+        visited.add(id(module))
         for child in module.children():
             visit(child)
         tracker.where.birth = Category.PARAMETER
@@ -102,9 +127,15 @@ def _fake_copy(model: torch.nn.Module, options: Options, tracker: StorageTracker
         for b in module._buffers.values():
             if b is not None and id(b) not in memo:
                 memo[id(b)] = _fake_like(b, options.dtype)
-        for value in vars(module).values():  # plain tensor attributes are moved by nothing, but copied
-            if isinstance(value, torch.Tensor) and id(value) not in memo:
-                memo[id(value)] = _fake_like(value, None)
+        seen: set[int] = set()
+        for value in vars(module).values():
+            if isinstance(value, (dict, list, tuple, set, frozenset, torch.Tensor)):
+                for held in _held_tensors(value, seen):
+                    if isinstance(held, torch.nn.Module):  # a module kept outside the tree (a plain list)
+                        visit(held)
+                        tracker.where.birth = Category.BUFFER
+                    elif id(held) not in memo:
+                        memo[id(held)] = _fake_like(held, None)
 
     visit(model)
     tracker.where.birth = None
@@ -197,6 +228,43 @@ def _checkpoint_modules(model: torch.nn.Module, names: tuple[str, ...], tracker:
             module.forward = wrap(module.forward)
 
 
+def _is_compiled_wrapper(module: torch.nn.Module) -> bool:
+    """``torch.compile(module)``'s ``OptimizedModule`` (checked by name: importing Dynamo is slow)."""
+    return any(c.__name__ == "OptimizedModule" and c.__module__.startswith("torch._dynamo") for c in type(module).__mro__)
+
+
+def eager_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile`` wrapped, or ``model`` itself."""
+    while _is_compiled_wrapper(model) and isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def _about_the_model(model: torch.nn.Module, options: Options) -> list[str]:
+    """What the report must say about how the model given differs from the step traced."""
+    notes = []
+    compiled = [name or "the root module" for name, m in model.named_modules()
+                if _is_compiled_wrapper(m) or getattr(m, "_compiled_call_impl", None) is not None]
+    if compiled or _is_compiled_wrapper(model):
+        named = ", ".join(f"'{n}'" for n in compiled[:4]) + (" and more" if len(compiled) > 4 else "")
+        which = ("The model is" if not compiled or compiled == ["the root module"] else
+                 f"Module {named} is" if len(compiled) == 1 else f"Modules {named} are")
+        notes.append(f"{which} compiled with torch.compile; this report shows the eager "
+                     "step. A compiled step can peak lower (Inductor fuses pointwise ops, so their intermediates never "
+                     "exist, and AOTAutograd's partitioner recomputes cheap ops instead of saving them) or, less "
+                     "often, higher.")
+    if options.train:
+        in_eval = [name or "the root module" for name, m in model.named_modules() if not m.training]
+        if in_eval:
+            shown = ", ".join(repr(n) for n in in_eval[:3]) + (", ..." if len(in_eval) > 3 else "")
+            which = ("The model was" if in_eval[0] == "the root module" else
+                     f"Module {shown} was" if len(in_eval) == 1 else f"{len(in_eval)} modules ({shown}) were")
+            notes.append(f"{which} in eval mode; the training step is traced in train mode, as model.train() sets it "
+                         "in a training loop (dropout active, batch norm updating its statistics). Pass train=False "
+                         "for an inference step.")
+    return notes
+
+
 def _module_infos(model: torch.nn.Module) -> list[ModuleInfo]:
     infos = []
     seen: set[int] = set()
@@ -247,8 +315,10 @@ def _install_hooks(model, infos, tracker) -> list:
 
 
 def trace(model: torch.nn.Module, options: Options) -> Trace:
+    about = _about_the_model(model, options)
+    model = eager_module(model)
     target = target_for(options.device, options.gpu, options.alloc_conf)
-    tracker = StorageTracker(target)
+    tracker = StorageTracker(target, SizePolicy(options.data_dependent))
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     phase_starts: list[tuple[Phase, int, int]] = []
     grad_records: dict[str, list[StorageRecord]] = {}
@@ -300,18 +370,14 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
 
         def new_inputs():
             tracker.where.birth, tracker.where.label = Category.INPUT, "(inputs)"
-            made = make_inputs(options.inputs, lambda s: torch.empty(s.shape, dtype=s.dtype, device="cpu"))
+            made = options.inputs.build(lambda s: torch.empty(s.shape, dtype=s.dtype, device="cpu"))
             tracker.where.birth, tracker.where.label = None, "(loss)"
             return made
-
-        def pack(t):
-            tracker.mark_saved(t)
-            return t
 
         try:
             rules = FunctionRules.for_target(target, tracker.note)
             amp = target.autocast() if options.amp_dtype is not None else contextlib.nullcontext()
-            with rules, amp, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with rules, amp, tracker.saved_tensors_hooks():
                 run_steps(fake_model, options, new_inputs, optimizer, scaler, "cpu", on_phase)
         except Exception as exc:
             raise _explain(exc, tracker) from exc
@@ -320,6 +386,11 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
             for h in handles:
                 h.remove()
         tracker.stop()
+    unused = tracker.sizes.unused()
+    if unused:
+        places = list(dict.fromkeys(f"{c.module}:{c.op}" for c in tracker.sizes.choices)) or ["none"]
+        raise ValueError(f"data_dependent= names {unused[0]!r}, which matched no op whose size or value depends on "
+                         f"tensor data; the step's: {', '.join(places[:8])}{', ...' if len(places) > 8 else ''}")
     new_position = tracker.fuse_accumulations()
     phase_starts = [(phase, it, new_position[start]) for phase, it, start in phase_starts]
     return Trace(
@@ -327,7 +398,7 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
         phase_starts=phase_starts, modules=infos, param_records=param_records, grad_records=grad_records,
         state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()},
         assumptions=tracker.assumptions, op_count=tracker.op_count, flops=flops.counts,
-        notes=tuple(tracker.notes),
+        notes=tuple(about + tracker.notes),
     )
 
 
@@ -351,6 +422,8 @@ def _explain(exc: Exception, tracker: StorageTracker) -> Exception:
     if isinstance(exc, (LossError, TraceError)):
         return exc
     where = tracker.where
+    if isinstance(exc, SavedTensorModifiedError):  # raised between ops: no op or module of its own to name
+        return TraceError(f"{where.phase.value} of iteration {where.iteration} failed: {exc}")
     if tracker.module_stack:
         name, (kind, shapes) = tracker.module_stack[-1]
         shown = ", ".join(str(list(s)) for s in shapes) or "none"
@@ -359,15 +432,17 @@ def _explain(exc: Exception, tracker: StorageTracker) -> Exception:
         place = tracker.current_module()
     op = str(tracker.last_op) if tracker.last_op is not None else "?"
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    hint = ""
-    if type(exc).__name__ == "DynamicOutputShapeException":
-        hint = " (its output shape depends on tensor values, which fake tensors do not have)"
-        if "expert" in place.lower():
-            # a mixture-of-experts layer that gathers each expert's tokens with nonzero / where
-            hint += ("; this layer picks each expert's tokens by value, so its memory cannot be predicted. In "
-                     "transformers, config._experts_implementation 'grouped_mm' (the default in transformers 5) "
-                     "or 'batched_mm' runs the experts on fixed shapes, which trace")
-    return TraceError(
-        f"{where.phase.value} of iteration {where.iteration} failed in {place} at op {op}{hint}: "
-        f"{type(exc).__name__}: {first_line}"
-    )
+    return TraceError(f"{where.phase.value} of iteration {where.iteration} failed in {place} at op {op}: "
+                      f"{type(exc).__name__}: {first_line}{_assumed_values(tracker)}")
+
+
+def _assumed_values(tracker: StorageTracker) -> str:
+    """A failure after values were read from tensor data, which fake tensors do not have, may come from the
+    values assumed: say which, and how to give them."""
+    assumed = [c for c in tracker.sizes.choices if c.op == ITEM and c.how == "assumed" and not c.module.startswith("(")]
+    if not assumed:
+        return ""
+    last = assumed[-1]
+    return (f" (before it, {len(assumed)} value(s) were read from tensor data with .item() / .tolist(), which fake "
+            f"tensors do not have, and assumed {last.value!r}, the last in module '{last.module}'; if they set a "
+            f"size, give them with data_dependent={{'{last.module}:item': [...]}})")

@@ -39,7 +39,7 @@ def precision_of(report: Report, gpu) -> str:
     s = report.settings
     if s["amp"] in ("fp16", "bf16"):
         return s["amp"]
-    dtype = s["dtype"]
+    dtype = s["dtype"].split("+")[0]  # the dtype most of the parameters are in
     if dtype in ("float16", "bfloat16"):
         return "fp16" if dtype == "float16" else "bf16"
     return "tf32" if gpu.peak_tflops("tf32") is not None else "fp32"

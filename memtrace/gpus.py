@@ -29,11 +29,39 @@ _THREADS_PER_SM = {(7, 0): 2048, (7, 2): 2048, (7, 5): 1024, (8, 0): 2048, (8, 6
 
 @dataclass(frozen=True)
 class GPU:
+    """A card: ``GPU("RTX A4000", "15.7 GiB", (8, 6))``. ``memory_bytes`` is the memory PyTorch reports on it
+    (an int of bytes, or a size such as "24 GiB"), ``capability`` its compute capability (major, minor)."""
+
     name: str
     memory_bytes: int  # the memory PyTorch reports (get_device_properties().total_memory)
     capability: tuple[int, int]
     # multiProcessorCount; None: the catalog's card of the same compute capability (see ``sm_count``)
     multiprocessors: int | None = None
+
+    def __post_init__(self):
+        from .units import parse_size
+
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"GPU name={self.name!r} must be a non-empty string")
+        memory = self.memory_bytes
+        if isinstance(memory, str):
+            try:
+                memory = parse_size(memory)
+            except ValueError as exc:
+                raise ValueError(f"GPU {self.name!r}: memory_bytes={memory!r}: {exc}") from None
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0:
+            raise ValueError(f"GPU {self.name!r}: memory_bytes={self.memory_bytes!r} must be a positive number of "
+                             "bytes or a size such as '24 GiB'")
+        object.__setattr__(self, "memory_bytes", memory)
+        cap = self.capability
+        if (not isinstance(cap, (tuple, list)) or len(cap) != 2
+                or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in cap) or cap[0] < 3):
+            raise ValueError(f"GPU {self.name!r}: capability={cap!r} must be the compute capability as (major, "
+                             "minor), e.g. (8, 6) for an RTX A4000")
+        object.__setattr__(self, "capability", (cap[0], cap[1]))
+        sms = self.multiprocessors
+        if sms is not None and (isinstance(sms, bool) or not isinstance(sms, int) or sms < 1):
+            raise ValueError(f"GPU {self.name!r}: multiprocessors={sms!r} must be a positive int or None")
 
     @property
     def sm_count(self) -> int:

@@ -9,6 +9,7 @@ profiler's allocation events (frees are negative).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
@@ -20,7 +21,7 @@ import torch
 
 from .engine import preserved_rng
 from .options import Options, Phase, TensorSpec, parse_options
-from .step import build_optimizer, make_inputs, run_steps
+from .step import build_optimizer, run_steps
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,20 @@ class Measurement:
     device_name: str | None = None
     grad_scale: float | None = None  # fp16: GradScaler's initial scale in the run measured (see below)
     skipped_steps: int = 0  # steps GradScaler still skipped in it (0 unless every scale tried overflowed)
+    # with record_data_dependent=True: the sizes of the ops sized by tensor values, in the form
+    # report(data_dependent=) takes ("module:op" -> one size per call)
+    data_dependent: dict[str, list] | None = None
 
     def to_dict(self) -> dict:
         return {"device": self.device, "device_name": self.device_name, "peak_bytes": self.peak_bytes,
                 "peak_by_phase": dict(self.peak_by_phase), "reserved_peak_bytes": self.reserved_peak_bytes,
-                "grad_scale": self.grad_scale, "skipped_steps": self.skipped_steps}
+                "grad_scale": self.grad_scale, "skipped_steps": self.skipped_steps,
+                "data_dependent": self.data_dependent}
 
 
 def _real_input(spec: TensorSpec, device: str | torch.device = "cpu") -> torch.Tensor:
+    if spec.value is not None:  # the user's own values (a detector's targets must be valid boxes)
+        return spec.value.detach().to(device, copy=True)
     if spec.dtype.is_floating_point:
         return torch.randn(spec.shape, dtype=spec.dtype, device=device)
     return torch.zeros(spec.shape, dtype=spec.dtype, device=device)  # valid token ids and labels for any vocabulary
@@ -60,7 +67,7 @@ def _real_copy(model: torch.nn.Module, options: Options, device: torch.device) -
                 if b.is_floating_point():
                     b.fill_(1.0)
     real = real.to(device)
-    if options.dtype != torch.float32:
+    if options.dtype is not None:
         real = real.to(dtype=options.dtype)
     return real.train(options.train)
 
@@ -68,7 +75,13 @@ def _real_copy(model: torch.nn.Module, options: Options, device: torch.device) -
 def measure(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
     """Run ``steps`` real training iterations on the device ``report()`` would predict for (``device=``,
     default "cuda") and return the measured peak. Takes the same arguments as ``memtrace.report``; leaves
-    no memory, state or RNG change behind."""
+    no memory, state or RNG change behind.
+
+    ``record_data_dependent=True`` also records the size of every op sized by tensor values (``nonzero``,
+    boolean masks, NMS, ...), as ``Measurement.data_dependent``: give
+    it to ``report(data_dependent=...)`` to predict at the sizes this run produced (a small CPU run of a
+    detector's batch, say, for a prediction of the same batch on a GPU). It runs the step under a dispatch
+    mode, which is off by default so that the measured run is exactly the plain one."""
     device = kwargs.get("device", "cuda")
     device = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     if device == "cpu":
@@ -76,12 +89,22 @@ def measure(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
     return measure_cuda(model, input_shape, **kwargs)
 
 
+def _recording(record: bool, real: torch.nn.Module, current_phase):
+    """The dispatch mode that records data-dependent sizes, or nothing."""
+    if not record:
+        return contextlib.nullcontext()
+    from .datadep import SizeRecorder
+
+    return SizeRecorder(real, lambda: "(optimizer)" if current_phase() == "optimizer" else "(loss)")
+
+
 def _clear_cublas_workspaces() -> None:
     if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
         torch._C._cuda_clearCublasWorkspaces()
 
 
-def measure_cuda(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
+def measure_cuda(model: torch.nn.Module, input_shape=None, *, record_data_dependent: bool = False,
+                 **kwargs) -> Measurement:
     """Run the step for real on the current CUDA device; peaks from the caching allocator's statistics."""
     if not torch.cuda.is_available():
         raise RuntimeError("memtrace.measure(device='cuda') needs a CUDA GPU, and torch.cuda.is_available() "
@@ -95,6 +118,7 @@ def measure_cuda(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurem
     by_phase: dict[str, int] = {}
     current = ["setup"]
     base = [0]
+    recorded: dict[str, list] = {}
 
     def close_phase() -> None:
         torch.cuda.synchronize(dev)
@@ -124,8 +148,11 @@ def measure_cuda(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurem
                 real = _real_copy(model, options, dev)
                 optimizer = build_optimizer(options, list(real.parameters()))
                 scaler = _grad_scaler(options, "cuda", init_scale)
-                run_steps(real, options, lambda: make_inputs(options.inputs, lambda s: _real_input(s, dev)),
-                          optimizer, scaler, "cuda", on_phase)
+                with _recording(record_data_dependent, real, lambda: current[0]) as recorder:
+                    run_steps(real, options, lambda: options.inputs.build(lambda s: _real_input(s, dev)),
+                              optimizer, scaler, "cuda", on_phase)
+                recorded.clear()
+                recorded.update(recorder.sizes if recorder is not None else {})
                 close_phase()
                 return (torch.cuda.max_memory_reserved(dev) - reserved_base,
                         None if scaler is None else scaler.get_scale())
@@ -138,7 +165,8 @@ def measure_cuda(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurem
 
     reserved_peak, scale, skipped = _run_until_no_step_is_skipped(run)
     return Measurement("cuda", max(by_phase.values()), dict(by_phase), reserved_peak,
-                       torch.cuda.get_device_name(dev), scale, skipped)
+                       torch.cuda.get_device_name(dev), scale, skipped,
+                       dict(recorded) if record_data_dependent else None)
 
 
 # GradScaler starts at 2**16 and halves its scale at every step whose gradients overflow, skipping that
@@ -186,7 +214,8 @@ def _allocation_events(prof):
     return out
 
 
-def measure_cpu(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
+def measure_cpu(model: torch.nn.Module, input_shape=None, *, record_data_dependent: bool = False,
+                **kwargs) -> Measurement:
     """Run the step for real on the CPU under the profiler; returns the allocator's absolute peak."""
     options: Options = parse_options(model, input_shape=input_shape, **{**kwargs, "device": "cpu"})
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
@@ -206,13 +235,14 @@ def measure_cpu(model: torch.nn.Module, input_shape=None, **kwargs) -> Measureme
             real = _real_copy(model, options, torch.device("cpu"))
             optimizer = build_optimizer(options, list(real.parameters()))
             scaler = _grad_scaler(options, "cpu", init_scale)
-            run_steps(real, options, lambda: make_inputs(options.inputs, _real_input), optimizer, scaler, "cpu",
-                      on_phase)
+            with _recording(record_data_dependent, real, lambda: marks[-1][0]) as recorder:
+                run_steps(real, options, lambda: options.inputs.build(_real_input), optimizer, scaler, "cpu",
+                          on_phase)
             final = None if scaler is None else scaler.get_scale()
             del real, optimizer, scaler
-        return prof, final
+        return (prof, None if recorder is None else recorder.sizes), final
 
-    prof, scale, skipped = _run_until_no_step_is_skipped(run)
+    (prof, recorded), scale, skipped = _run_until_no_step_is_skipped(run)
     events = _allocation_events(prof)
     total = peak = 0
     by_phase: dict[str, int] = {}
@@ -224,5 +254,5 @@ def measure_cpu(model: torch.nn.Module, input_shape=None, **kwargs) -> Measureme
         phase = marks[k][0] if marks else "setup"
         by_phase[phase] = max(by_phase.get(phase, 0), total)
         peak = max(peak, total)
-    return Measurement("cpu", peak, by_phase, grad_scale=scale, skipped_steps=skipped)
+    return Measurement("cpu", peak, by_phase, grad_scale=scale, skipped_steps=skipped, data_dependent=recorded)
 

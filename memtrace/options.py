@@ -65,7 +65,10 @@ class TensorSpec:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    key: str | int  # keyword name, or position in the positional arguments
+    key: str | int  # keyword name or position of a top-level argument; a path ("1[0].boxes") inside one
+    # the user's tensor when it holds data: measuring the real step feeds its values (a detector's boxes
+    # must be valid boxes); a prediction reads only the shape and dtype
+    value: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -75,14 +78,76 @@ class TensorSpec:
         return n * torch.empty((), dtype=self.dtype, device="meta").element_size()
 
 
+# Plain Python values an input may hold beside its tensors, passed to the model as given.
+PLAIN_VALUES = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The model's inputs as a structure: positional and keyword arguments, each a tensor, a plain Python
+    value, or a list, tuple or dict of them, nested; every tensor is a ``TensorSpec``. ``form`` is how the
+    user gave them ("tensor", "tuple" or "dict"), which is the form ``loss_fn`` receives them in."""
+
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    form: str = "tuple"
+
+    @property
+    def specs(self) -> tuple[TensorSpec, ...]:
+        """Every input tensor, in argument order."""
+        out: list[TensorSpec] = []
+        _collect(self.args, out)
+        _collect(tuple(self.kwargs.values()), out)
+        return tuple(out)
+
+    def build(self, factory: Callable[[TensorSpec], torch.Tensor]) -> tuple[list, dict, Any]:
+        """(args, kwargs, batch) for the model call, each tensor made by ``factory``; ``batch`` is what
+        ``loss_fn`` receives: the tensor, tuple or dict in the form the user gave it."""
+        args = [_build(a, factory) for a in self.args]
+        kwargs = {k: _build(v, factory) for k, v in self.kwargs.items()}
+        batch = kwargs if self.form == "dict" else args[0] if self.form == "tensor" else tuple(args)
+        return args, kwargs, batch
+
+    def __iter__(self):  # the specs, as the flat tuple of earlier releases was iterated
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def _collect(node: Any, out: list) -> None:
+    if isinstance(node, TensorSpec):
+        out.append(node)
+    elif isinstance(node, Mapping):
+        for v in node.values():
+            _collect(v, out)
+    elif isinstance(node, (tuple, list)):
+        for v in node:
+            _collect(v, out)
+
+
+def _build(node: Any, factory: Callable[[TensorSpec], torch.Tensor]) -> Any:
+    if isinstance(node, TensorSpec):
+        return factory(node)
+    if isinstance(node, Mapping):
+        return {k: _build(v, factory) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_build(v, factory) for v in node]
+    if isinstance(node, tuple):
+        items = [_build(v, factory) for v in node]
+        return type(node)(*items) if hasattr(node, "_fields") else tuple(items)  # a namedtuple keeps its type
+    return node
+
+
 @dataclass(frozen=True)
 class Options:
-    inputs: tuple[TensorSpec, ...]
+    inputs: Inputs
     optimizer: Callable[[Any], torch.optim.Optimizer] | None
     optimizer_name: str
     optimizer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     amp_dtype: torch.dtype | None = None
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = None  # the dtype floating-point parameters and buffers are converted to; None: as held
+    param_dtypes: str = "float32"  # the floating-point dtypes of the parameters in the step, as the report shows them
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     device: str = "cuda"
     steps: int = 2
@@ -91,6 +156,7 @@ class Options:
     gpu: GPU | None = None  # the card a CUDA run is predicted for
     checkpoint: tuple[str, ...] = ()  # modules whose forward runs under torch.utils.checkpoint
     alloc_conf: str | None = None  # the CUDA allocator settings (PYTORCH_CUDA_ALLOC_CONF syntax); None: the environment's
+    data_dependent: Any = None  # how sizes and values that depend on tensor data are chosen (datadep.SizePolicy)
 
     @property
     def amp_name(self) -> str:
@@ -99,6 +165,38 @@ class Options:
     @property
     def uses_grad_scaler(self) -> bool:
         return self.amp_dtype is torch.float16
+
+
+@dataclass(frozen=True)
+class HeldDtypes:
+    """The floating-point dtypes of a model's parameters as the step will hold them."""
+
+    by_bytes: tuple[tuple[torch.dtype, int], ...]  # (dtype, parameter bytes), most bytes first
+    trainable: frozenset  # the dtypes of parameters that require grad
+    input: torch.dtype  # the dtype of an ``input_shape=`` input: the first floating-point parameter's
+
+    def describe(self) -> str:
+        names = [str(d).removeprefix("torch.") for d, _ in self.by_bytes]
+        return "+".join(names) if names else "float32"
+
+
+def model_dtypes(model: torch.nn.Module, convert_to: torch.dtype | None) -> HeldDtypes:
+    """A model's floating-point parameter dtypes, each tensor's own, or ``convert_to`` for all of them (as
+    ``model.to(convert_to)`` converts them)."""
+    sizes: dict[torch.dtype, int] = {}
+    trainable = set()
+    first = None
+    for p in model.parameters():
+        if not p.is_floating_point():
+            continue
+        dt = convert_to or p.dtype
+        first = first or dt
+        sizes[dt] = sizes.get(dt, 0) + p.numel() * p.element_size()
+        if p.requires_grad:
+            trainable.add(dt)
+    if first is None:
+        first = convert_to or next((b.dtype for b in model.buffers() if b.is_floating_point()), torch.float32)
+    return HeldDtypes(tuple(sorted(sizes.items(), key=lambda kv: -kv[1])), frozenset(trainable), first)
 
 
 def _choices(keys) -> str:
@@ -125,31 +223,57 @@ def _parse_shape(value: Any) -> tuple[int, ...]:
     return shape
 
 
-def _spec(t: Any, key: str | int) -> TensorSpec:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"inputs[{key!r}] is a {type(t).__name__}, expected a torch.Tensor (meta tensors allowed)")
-    return TensorSpec(tuple(t.shape), t.dtype, key)
+def _spec(t: torch.Tensor, key: str | int) -> TensorSpec:
+    real = t.device.type != "meta" and not isinstance(t, torch._subclasses.FakeTensor)
+    return TensorSpec(tuple(t.shape), t.dtype, key, t if real else None)
 
 
-def parse_inputs(input_shape: Any, inputs: Any, float_dtype: torch.dtype = torch.float32) -> tuple[TensorSpec, ...]:
+def _input_tree(node: Any, key: str | int, path: str) -> Any:
+    """One argument with its tensors replaced by ``TensorSpec``; ``path`` names the place in errors and in
+    the report ("1[0].boxes")."""
+    if isinstance(node, torch.Tensor):
+        return _spec(node, key if path == str(key) else path)
+    if isinstance(node, Mapping):
+        if not all(isinstance(k, str) for k in node):
+            raise TypeError(f"inputs= has a dict at {path} with keys that are not strings: {list(node)[:4]!r}")
+        return {k: _input_tree(v, key, f"{path}.{k}") for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        items = [_input_tree(v, key, f"{path}[{i}]") for i, v in enumerate(node)]
+        return items if isinstance(node, list) else type(node)(*items) if hasattr(node, "_fields") else tuple(items)
+    if isinstance(node, PLAIN_VALUES):
+        return node
+    raise TypeError(f"inputs= holds a {type(node).__name__} at {path}; valid: tensors (meta tensors allowed), plain "
+                    "Python values (numbers, strings, None), and lists, tuples and dicts of them")
+
+
+def parse_inputs(input_shape: Any, inputs: Any, float_dtype: torch.dtype = torch.float32) -> Inputs:
+    """``input_shape=`` (one float tensor) or ``inputs=``: a tensor (the one positional argument), a tuple or
+    list (the positional arguments) or a dict (keyword arguments), each argument a tensor, a plain value,
+    or a nested list, tuple or dict of them (a detector's list of images and list of target dicts)."""
     if (input_shape is None) == (inputs is None):
         given = "both" if input_shape is not None else "neither"
         raise ValueError(f"give exactly one of input_shape= and inputs= ({given} given)")
     if input_shape is not None:  # the input is in the parameters' dtype, as pure half/bf16 training feeds it
-        return (TensorSpec(_parse_shape(input_shape), float_dtype, 0),)
+        return Inputs((TensorSpec(_parse_shape(input_shape), float_dtype, 0),), {}, "tensor")
     if isinstance(inputs, torch.Tensor):
-        return (_spec(inputs, 0),)
+        return Inputs((_spec(inputs, 0),), {}, "tensor")
     if isinstance(inputs, Mapping):
         if not inputs:
             raise ValueError("inputs={} is empty; give at least one tensor")
-        return tuple(_spec(t, str(k)) for k, t in inputs.items())
-    if isinstance(inputs, (tuple, list)):
+        if not all(isinstance(k, str) and k.isidentifier() for k in inputs):
+            raise TypeError(f"inputs= is a dict of keyword arguments; its keys must be names, got {list(inputs)!r}")
+        parsed = Inputs((), {k: _input_tree(t, k, k) for k, t in inputs.items()}, "dict")
+    elif isinstance(inputs, (tuple, list)):
         if not inputs:
             raise ValueError("inputs=() is empty; give at least one tensor")
-        return tuple(_spec(t, i) for i, t in enumerate(inputs))
-    raise TypeError(
-        f"inputs= is a {type(inputs).__name__}; valid: a tensor, a tuple of tensors, or a dict of keyword tensors"
-    )
+        parsed = Inputs(tuple(_input_tree(t, i, str(i)) for i, t in enumerate(inputs)), {}, "tuple")
+    else:
+        raise TypeError(f"inputs= is a {type(inputs).__name__}; valid: a tensor, a tuple of positional arguments "
+                        "or a dict of keyword arguments (each a tensor, a plain value, or lists, tuples and "
+                        "dicts of them)")
+    if not parsed.specs:
+        raise ValueError("inputs= holds no tensor; give at least one")
+    return parsed
 
 
 def parse_optimizer(optimizer: Any) -> tuple[Callable | None, str]:
@@ -177,7 +301,7 @@ def parse_options(
     optimizer: Any = "adam",
     optimizer_kwargs: Mapping[str, Any] | None = None,
     amp: Any = False,
-    dtype: Any = torch.float32,
+    dtype: Any = None,
     loss_fn: Any = None,
     device: Any = "cuda",
     steps: Any = 2,
@@ -186,6 +310,7 @@ def parse_options(
     gpu: Any = None,
     checkpoint: Any = None,
     alloc_conf: Any = None,
+    data_dependent: Any = None,
 ) -> Options:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model is a {type(model).__name__}, expected a torch.nn.Module")
@@ -199,13 +324,19 @@ def parse_options(
         amp_dtype = AMP_MODES[key]
     else:
         raise ValueError(f"amp={amp!r} is unknown; valid: False, True, 'fp16', 'bf16'")
-    param_dtype = _parse_dtype("dtype", dtype)
-    if not param_dtype.is_floating_point:
+    param_dtype = None if dtype is None else _parse_dtype("dtype", dtype)
+    if param_dtype is not None and not param_dtype.is_floating_point:
         raise ValueError(f"dtype={dtype!r} must be a floating-point dtype; valid: {_choices(DTYPES)}")
-    if amp_dtype is not None and param_dtype != torch.float32:
+    if amp_dtype is not None and param_dtype not in (None, torch.float32):
         raise ValueError(f"amp={amp!r} needs float32 parameters, got dtype={param_dtype}; "
                          "use amp=False for pure half/bf16 training")
-    specs = parse_inputs(input_shape, inputs, param_dtype)
+    held = model_dtypes(model, param_dtype)
+    if amp_dtype is torch.float16 and train and torch.float16 in held.trainable:
+        # GradScaler.unscale_ raises "Attempting to unscale FP16 gradients."
+        raise ValueError("amp='fp16' scales the loss with GradScaler, which cannot unscale float16 gradients, and "
+                         "this model has float16 parameters that require grad; give dtype=torch.float32 (fp16 AMP "
+                         "trains float32 parameters) or amp=False (pure float16 training)")
+    specs = parse_inputs(input_shape, inputs, held.input)
     dev = str(device.type if isinstance(device, torch.device) else device).lower()
     dev = dev.split(":", 1)[0] if dev.split(":", 1)[-1].isdigit() else dev  # "cuda:1" predicts a CUDA run too
     if dev not in DEVICES:
@@ -231,6 +362,9 @@ def parse_options(
     if not train:
         opt_factory, opt_name, optimizer_kwargs = None, "none", None
     checkpointed = parse_checkpoint(model, checkpoint) if train else ()
+    from .datadep import SizePolicy
+
+    SizePolicy(data_dependent)  # checked here, so that a bad policy fails before anything is traced
     return Options(
         inputs=specs,
         optimizer=opt_factory,
@@ -238,6 +372,7 @@ def parse_options(
         optimizer_kwargs=dict(optimizer_kwargs or {}),
         amp_dtype=amp_dtype,
         dtype=param_dtype,
+        param_dtypes=held.describe(),
         loss_fn=loss_fn,
         device=dev,
         steps=steps,
@@ -246,6 +381,7 @@ def parse_options(
         gpu=card,
         checkpoint=checkpointed,
         alloc_conf=alloc_conf,
+        data_dependent=data_dependent,
     )
 
 

@@ -322,7 +322,7 @@ def _marker_arguments(marker) -> tuple:
 def run_marked_body(manager: MemtraceManager, item, marker) -> None:
     from .body import trace_callable
     from .engine import TraceError
-    from .options import DEVICES, Options
+    from .options import DEVICES, Inputs, Options
     from .gpus import DEFAULT_GPU, lookup
     from .report import build_callable_report
 
@@ -343,7 +343,7 @@ def run_marked_body(manager: MemtraceManager, item, marker) -> None:
     if inspect.iscoroutinefunction(fn):
         pytest.fail("vram_limit cannot trace an async test body; " + _RESTRUCTURE, pytrace=False)
     body = functools.partial(fn, **{name: item.funcargs[name] for name in item._fixtureinfo.argnames})
-    options = Options(inputs=(), optimizer=None, optimizer_name="none", device=device, gpu=card)
+    options = Options(inputs=Inputs(), optimizer=None, optimizer_name="none", device=device, gpu=card)
     manager.tracing_body = True
     try:
         trace, session = trace_callable(body, options)

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .datadep import ITEM, describe_choices
 from .engine import Trace
 from .options import Category, Options, Phase
 
@@ -174,7 +175,7 @@ def _settings(options: Options) -> dict[str, Any]:
         "optimizer": options.optimizer_name,
         "optimizer_kwargs": {k: repr(v) for k, v in options.optimizer_kwargs.items()},
         "amp": options.amp_name,
-        "dtype": str(options.dtype).removeprefix("torch."),
+        "dtype": options.param_dtypes,
         "steps": options.steps,
         "accumulation_steps": options.accumulation_steps,
         "train": options.train,
@@ -183,7 +184,7 @@ def _settings(options: Options) -> dict[str, Any]:
         "alloc_conf": options.alloc_conf,
         "inputs": [
             {"key": s.key, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
-            for s in options.inputs
+            for s in options.inputs.specs
         ],
     }
 
@@ -260,7 +261,7 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
     layers = _layer_rows(trace, charged)
     param_count = sum(p.numel() for p in model.parameters())  # each shared parameter once
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assumptions = tuple(_explain_assumption(a, options) for a in _dedupe(trace.assumptions))
+    assumptions = _assumptions(trace.assumptions, options)
     return Report(
         model=type(model).__name__,
         device=trace.target.name,
@@ -287,20 +288,12 @@ def _device_pos(event_index: int, trace: Trace, records) -> int:
     return sum(1 for i, _ in trace.events[:event_index] if not records[i].host)
 
 
-def _explain_assumption(a, options: Options) -> str:
-    if a.module == "(optimizer)" and options.uses_grad_scaler:
-        return "GradScaler's inf/NaN check has no data: assumed finite gradients, so every step is taken"
-    where = "the root module" if not a.module else a.module if a.module.startswith("(") else f"module '{a.module}'"
-    return f"{a.op} in {where} needs a data-dependent value (.item() or bool(tensor)); assumed {a.value!r}"
-
-
-def _dedupe(assumptions):
-    seen = set()
-    for a in assumptions:
-        key = (a.op, a.module)
-        if key not in seen:
-            seen.add(key)
-            yield a
+def _assumptions(choices, options: Options) -> tuple[str, ...]:
+    """The data-dependent sizes and values the trace chose, one line per place."""
+    scaler = options.uses_grad_scaler and any(c.module == "(optimizer)" and c.op == ITEM for c in choices)
+    lines = ["GradScaler's inf/NaN check has no data: assumed finite gradients, so every step is taken"] if scaler else []
+    return tuple(lines + describe_choices(choices, skip=lambda c: scaler and c.module == "(optimizer)"
+                                          and c.op == ITEM))
 
 
 def _layer_rows(trace: Trace, charged: dict[int, int]) -> tuple[LayerRow, ...]:

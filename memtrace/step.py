@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .options import Options, Phase, TensorSpec
+from .options import Options, Phase
 
 
 class LossError(ValueError):
@@ -20,13 +20,17 @@ class LossError(ValueError):
 
 
 def default_loss(output: Any, inputs: Any) -> torch.Tensor:
-    """``output.loss`` when the model computed one (Hugging Face with labels), else the mean of its first
-    floating-point tensor."""
+    """``output.loss`` when the model computed one (Hugging Face with labels); the sum of a dict of scalar
+    losses (a torchvision detector in training returns one); else the mean of its first floating-point
+    tensor."""
     loss = getattr(output, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss
     if isinstance(output, Mapping) and isinstance(output.get("loss"), torch.Tensor):
         return output["loss"]
+    if (isinstance(output, Mapping) and output
+            and all(isinstance(v, torch.Tensor) and v.numel() == 1 and v.is_floating_point() for v in output.values())):
+        return sum(output.values())
     for t in _tensors(output):
         if t.is_floating_point():
             return t.float().mean() if t.dtype in (torch.float16, torch.bfloat16) else t.mean()
@@ -42,15 +46,6 @@ def _tensors(obj: Any):
     elif isinstance(obj, (tuple, list)):
         for v in obj:
             yield from _tensors(v)
-
-
-def make_inputs(specs: tuple[TensorSpec, ...], factory: Callable[[TensorSpec], torch.Tensor]):
-    """Build (args, kwargs, batch) for the model call from the input specs; ``batch`` is what ``loss_fn``
-    receives: the tensor, tuple or dict in the form the user gave it."""
-    args = [factory(s) for s in specs if isinstance(s.key, int)]
-    kwargs = {s.key: factory(s) for s in specs if isinstance(s.key, str)}
-    batch = kwargs if kwargs else (args[0] if len(args) == 1 else tuple(args))
-    return args, kwargs, batch
 
 
 def build_optimizer(options: Options, params: list[torch.nn.Parameter], adjust=None) -> torch.optim.Optimizer | None:

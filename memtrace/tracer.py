@@ -9,7 +9,9 @@ Known limitations:
 - Temporaries that a kernel allocates and frees inside one op (oneDNN scratch, cuDNN workspaces) are not
   seen; device rules model the ones that matter.
 - Data-dependent scalars (``.item()``, ``bool(tensor)``) have no value on fake tensors; the tracer answers
-  0 / False and lists each such place in the report's assumptions.
+  0 / False (or the value given with ``data_dependent=``) and lists each such place in the report's
+  assumptions. Outputs sized by tensor values (``nonzero``, masks) get the sizes ``datadep.SizePolicy``
+  chooses, listed there too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .datadep import (ITEM, DataDependentSizeError, SizePolicy, ValueRanges, is_data_dependent, op_name,
+                      run_with_sizes)
 from .options import Category, Phase
 
 try:  # the exception FakeTensorMode raises for .item() on data it does not have
@@ -32,6 +36,7 @@ except ImportError:  # pragma: no cover
 _ACCUMULATE_GRAD = "torch::autograd::AccumulateGrad"
 _ADD = torch.ops.aten.add.Tensor
 _DEVICE = torch.ops.prim.device.default
+_LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
 
 
 @dataclass
@@ -62,13 +67,6 @@ class StorageRecord:
 
 
 @dataclass
-class Assumption:
-    op: str
-    module: str
-    value: object
-
-
-@dataclass
 class ModuleCall:
     """Where the tracer is: which module runs, in which phase and iteration."""
 
@@ -76,6 +74,11 @@ class ModuleCall:
     iteration: int = 0
     birth: Category | None = None
     label: str = "(setup)"
+
+
+class SavedTensorModifiedError(RuntimeError):
+    """A tensor saved for backward was modified in place before backward used it; PyTorch refuses such a
+    step with the same message."""
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -89,9 +92,12 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 class StorageTracker(TorchDispatchMode):
-    def __init__(self, target):
+    def __init__(self, target, sizes: SizePolicy | None = None):
         super().__init__()
         self.target = target
+        self.sizes = sizes or SizePolicy()  # chooses data-dependent sizes and values, and keeps the choices
+        self._symbolic_runs: dict = {}  # data-dependent ops' symbolic outputs, by signature
+        self.values = ValueRanges()  # the value ranges of integer tensors, where known
         self.dispatch_rules = target.rules.ops
         self.records: list[StorageRecord] = []
         # the allocation order: (record index, True) for an allocation, (record index, False) for its free
@@ -99,7 +105,6 @@ class StorageTracker(TorchDispatchMode):
         self.event_ops: list[int] = []
         self.op_count = 0
         self.recording = True
-        self.assumptions: list[Assumption] = []
         self.notes: list[str] = []  # what a rule says the prediction leaves out, once each
         self.where = ModuleCall()
         self.module_stack: list[tuple[str, tuple]] = []  # (name, (type name, input shapes))
@@ -129,6 +134,14 @@ class StorageTracker(TorchDispatchMode):
             out = rule(self, func, args, kwargs) if rule is not None else func(*args, **kwargs)
         except DataDependentOutputException:
             out = self._assume(func, args)
+        except Exception as exc:
+            if not is_data_dependent(func, exc):
+                raise
+            out = self._sized_by_policy(func, args, kwargs, exc)
+        else:
+            if func is _LOCAL_SCALAR:  # a value fake tensors hold (a torch.tensor of a Python number): counted,
+                self.sizes.known(self.current_module(), ITEM)  # so given values line up with a real run's
+        self.values.after(func, args, kwargs, out)
         self.op_count += 1
         if self.flops is not None and self.where.iteration == 0:  # later iterations repeat the first's FLOPs
             self.flops.count(func, args, kwargs, out, self.where.phase)
@@ -197,12 +210,28 @@ class StorageTracker(TorchDispatchMode):
             rec.sums_into = operand.index
 
     def _assume(self, func, args):
+        """A value read from tensor data (``.item()``, ``.tolist()``, ``bool(tensor)``): the one given with
+        ``data_dependent=``, else 0 / False."""
         value: object = 0
         if args and isinstance(args[0], torch.Tensor):
             dtype = args[0].dtype
             value = False if dtype == torch.bool else (0.0 if dtype.is_floating_point else 0)
-        self.assumptions.append(Assumption(str(func), self.current_module(), value))
-        return value
+        return self.sizes.choose(self.current_module(), ITEM, None, value)
+
+    def _sized_by_policy(self, func, args, kwargs, exc: Exception):
+        """An op whose output size depends on tensor values, run with the sizes the policy chooses."""
+        module, name = self.current_module(), op_name(func)
+        try:
+            return run_with_sizes(func, args, kwargs, lambda bound: self.sizes.choose(module, name, bound),
+                                  self._symbolic_runs, self.values)
+        except DataDependentSizeError:
+            raise
+        except Exception:
+            schema = getattr(func, "_schema", None)
+            first = schema.arguments[0] if schema is not None and schema.arguments else None
+            if first is not None and first.alias_info is not None and first.alias_info.is_write:
+                return args[0]  # in place (x[mask] = v): the output is the input, whatever the values
+            raise exc from None
 
     def _see(self, t: torch.Tensor, func) -> None:
         st = t.untyped_storage()
@@ -259,6 +288,11 @@ class StorageTracker(TorchDispatchMode):
                 self._free(rec)
         return freed
 
+    @property
+    def assumptions(self) -> list:
+        """The data-dependent sizes and values chosen so far (``datadep.Choice``)."""
+        return self.sizes.choices
+
     # ---- where we are ------------------------------------------------------------------------
     def record_of(self, t: torch.Tensor) -> StorageRecord | None:
         entry = self._live.get(t.untyped_storage()._cdata)
@@ -302,6 +336,34 @@ class StorageTracker(TorchDispatchMode):
         rec = self.record_of(t)
         if rec is not None:
             rec.saved = True
+
+    def saved_tensors_hooks(self):
+        """The saved-tensor hooks of the traced step: each tensor an autograd node saves is an activation.
+
+        Autograd checks, when a node unpacks a saved tensor, that nothing modified it in place since it was
+        saved, but not for tensors that hooks pack (torch/csrc/autograd/saved_variable.cpp): these hooks
+        make the same check, so a step that PyTorch would reject is rejected here too, with the module that
+        saved the tensor named."""
+        def pack(t: torch.Tensor):
+            self.mark_saved(t)
+            grad_fn = t.grad_fn
+            return t, t._version, self.current_module(), grad_fn.name() if grad_fn is not None else None
+
+        def unpack(packed):
+            t, version, module, made_by = packed
+            if t._version != version:
+                node = torch._C._current_autograd_node()
+                output = f", which is output {t.output_nr} of {made_by}," if made_by else ""
+                raise SavedTensorModifiedError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: [{t.type()} {list(t.shape)}]{output} is at version {t._version}; expected "
+                    f"version {version} instead. It was saved in forward by "
+                    f"{'the root module' if not module else module if module.startswith('(') else repr(module)}"
+                    f"{' for ' + node.name() if node is not None else ''}, and PyTorch raises this error in its "
+                    "backward too")
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
     def mark_role(self, t: torch.Tensor, role: Category, host: bool = False) -> None:
         rec = self.record_of(t)

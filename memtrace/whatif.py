@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from .options import Category, repeated_blocks
+from .options import Category, model_dtypes, repeated_blocks
 from .planning import DEFAULT_CAP, Batched, Estimates, MemoryLimit, limit_for, search
 from .report import Report
 from .units import format_bytes
@@ -20,9 +20,9 @@ from .units import format_bytes
 # Named variants: the report options each one sets.
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"amp": False, "dtype": torch.float32},
-    "amp": {"amp": "fp16"},
-    "fp16": {"amp": "fp16"},
-    "bf16": {"amp": "bf16"},
+    "amp": {"amp": "fp16", "dtype": torch.float32},
+    "fp16": {"amp": "fp16", "dtype": torch.float32},
+    "bf16": {"amp": "bf16", "dtype": torch.float32},
     "sgd": {"optimizer": "sgd"},
     "adam": {"optimizer": "adam"},
     "adamw": {"optimizer": "adamw"},
@@ -57,7 +57,7 @@ def _apply(options: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str
     if "optimizer" in overrides and "optimizer_kwargs" not in overrides:
         merged.pop("optimizer_kwargs", None)  # another optimizer's keyword arguments need not fit this one
     if overrides.get("amp") not in (None, False) and "dtype" not in overrides:
-        merged.pop("dtype", None)  # AMP trains float32 parameters
+        merged["dtype"] = torch.float32  # AMP trains float32 parameters
     return merged
 
 
@@ -110,9 +110,14 @@ class Comparison:
 
 
 def compare(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = None,
-            variants: Any = DEFAULT_VARIANTS, **options: Any) -> Comparison:
+            variants: Any = None, **options: Any) -> Comparison:
     """One estimate per variant of the step given by ``memtrace.report``'s arguments (``options``), with
-    each row's peak against the first row's and the categories at the peak that moved."""
+    each row's peak against the first row's and the categories at the peak that moved. The default
+    variants start from the model's own dtypes: "fp32" where it holds float32 parameters, else a row of
+    the step as given."""
+    if variants is None:
+        held = model_dtypes(model, options.get("dtype")).describe()
+        variants = DEFAULT_VARIANTS if held == "float32" else ({"label": f"{held} (as given)"}, *DEFAULT_VARIANTS)
     specs = [variant(v) for v in variants]
     if not specs:
         raise ValueError("variants= is empty; give at least one, e.g. ('fp32', 'bf16')")

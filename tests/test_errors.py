@@ -76,8 +76,11 @@ def test_input_shape_string_is_named():
 
 
 @pytest.mark.parametrize("inputs, exc_type, part", [
-    ([], ValueError, "empty"), ({}, ValueError, "empty"), ([3], TypeError, "inputs[0]"), (3, TypeError, "inputs="),
-    ({"x": "text"}, TypeError, "inputs['x']"),
+    ([], ValueError, "empty"), ({}, ValueError, "empty"), ([3], ValueError, "holds no tensor"),
+    (3, TypeError, "inputs="), ({"x": object()}, TypeError, "holds a object at x"),
+    ({"x": [torch.zeros(1), {"y": object()}]}, TypeError, "holds a object at x[1].y"),
+    ({"x": {1: torch.zeros(1)}}, TypeError, "dict at x with keys that are not strings"),
+    ({"not a name": torch.zeros(1)}, TypeError, "keys must be names"),
 ])
 def test_bad_inputs_are_named(inputs, exc_type, part):
     exc = error_of(lambda: memtrace.report(make_mlp(), inputs=inputs))
@@ -147,30 +150,6 @@ def test_error_in_a_nested_module_names_the_dotted_path():
     assert "'1.1'" in msg and "[3, 8]" in msg
 
 
-class ValueRoutedExperts(nn.Module):
-    """A mixture-of-experts layer that gathers each expert's tokens with nonzero, as transformers' eager
-    experts do."""
-
-    def __init__(self):
-        super().__init__()
-        self.router = nn.Linear(4, 2)
-        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
-
-    def forward(self, x):
-        choice = self.router(x).argmax(-1)
-        out = torch.zeros_like(x)
-        for i, expert in enumerate(self.experts):
-            rows = (choice == i).nonzero().squeeze(-1)
-            out = out.index_add(0, rows, expert(x[rows]))
-        return out
-
-
-def test_value_routed_experts_say_why_and_what_traces():
-    msg = one_line(error_of(lambda: memtrace.report(ValueRoutedExperts(), (8, 4))))
-    assert "nonzero" in msg and "depends on tensor values" in msg
-    assert "picks each expert's tokens by value" in msg and "'grouped_mm'" in msg
-
-
 def test_failed_trace_leaves_no_mode_behind():
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(6, 2))
     with pytest.raises(TraceError):
@@ -209,3 +188,23 @@ def test_equivalent_spellings(kwargs):
     kwargs = {"device": "cpu", **kwargs}
     reference = memtrace.report(make_mlp(), (3, 4), optimizer="sgd", optimizer_kwargs={"lr": 0.1}, device="cpu")
     assert memtrace.report(make_mlp(), **kwargs).peak_bytes == reference.peak_bytes == 672
+
+
+# ---- a card given by hand ----------------------------------------------------------------------------------
+
+def test_gpu_parses_a_size_and_checks_its_fields():
+    assert memtrace.GPU("RTX A4000", "16 GiB", (8, 6)).memory_bytes == 16 * 2**30
+    assert memtrace.GPU("x", 2**34, [8, 6]).capability == (8, 6)
+
+
+@pytest.mark.parametrize("args, part", [
+    (("x", "24 bananas", (8, 0)), "GPU 'x': memory_bytes='24 bananas': cannot read size"),
+    (("x", -1, (8, 0)), "memory_bytes=-1 must be a positive number of bytes"),
+    (("x", 2**30, (8,)), "capability=(8,) must be the compute capability as (major, minor)"),
+    (("x", 2**30, "8.0"), "capability='8.0'"),
+    (("x", 2**30, (8, 0), 0), "multiprocessors=0 must be a positive int"),
+    (("", 2**30, (8, 0)), "name='' must be a non-empty string"),
+])
+def test_bad_gpu_is_refused_at_construction(args, part):
+    exc = error_of(lambda: memtrace.GPU(*args))
+    assert isinstance(exc, ValueError) and part in one_line(exc)

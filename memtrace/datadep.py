@@ -1,0 +1,503 @@
+"""Sizes and values that depend on tensor data, which fake tensors do not have.
+
+Some ops size their output by the values in their input: ``nonzero``, boolean-mask indexing, ``unique``,
+``masked_select``, ``repeat_interleave`` with tensor repeats, torchvision's ``nms`` (region proposals, anchor
+matching, value-routed mixture-of-experts layers). FakeTensorMode refuses them. The tracer runs each such op
+once more on a fake copy of its inputs under a ``ShapeEnv`` of its own, where PyTorch's fake kernel returns
+outputs sized by fresh unbacked symbols with the range the op allows (``nonzero`` of n elements: 0 to n);
+a ``SizePolicy`` picks a size for each symbol, and the outputs are made at those sizes. Every size stays a
+number, so code that branches on sizes runs, and every choice is listed in the report.
+
+The policy, ``data_dependent=`` of ``memtrace.report``:
+- ``"upper"`` (the default): the largest size the op allows, so the prediction is an upper bound for that op;
+- a fraction in (0, 1]: that share of the largest size, rounded up;
+- a dict from ``"module"`` or ``"module:op"`` patterns (``fnmatch``, first match wins; ``"*"`` matches every
+  module, ``""`` the root) to an int (the size), a fraction, ``"upper"``, or a list of ints (the sizes of
+  successive calls at that place, repeated from the start when the trace makes more calls, e.g. in its
+  second iteration); a value read with ``.item()`` / ``.tolist()`` matches op ``item``;
+- a callable(``Site``) returning one of those, or None for the default.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+UPPER = "upper"
+ITEM = "item"  # the op name of a value read from tensor data
+
+
+@dataclass(frozen=True)
+class Site:
+    """One data-dependent size (or value) the trace needs, as a callable policy receives it."""
+
+    module: str  # dotted module name, "" for the root; "(loss)", "(optimizer)" outside the model
+    op: str  # the op's short name: "nonzero", "unique", "nms", ..., "item" for a value read from data
+    bound: int | None  # the largest size the op allows; None where it allows any (or for a value)
+    call: int  # how many sizes this (module, op) was given before, in this trace
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A size (or value) the trace chose, for the report's assumptions."""
+
+    module: str
+    op: str
+    value: Any
+    bound: int | None
+    how: str  # "upper bound", "fraction 0.25", "given", "assumed"
+
+    def describe(self, values: list | None = None, bound: int | None = None) -> str:
+        """One line; ``values``: the values chosen at this place over all its calls, when several, and
+        ``bound`` the largest of their bounds."""
+        values = values or [self.value]
+        bound = self.bound if bound is None else bound
+        where = ("the root module" if not self.module else self.module if self.module.startswith("(")
+                 else f"module '{self.module}'")
+        times = f" ({len(values)} calls)" if len(values) > 1 else ""
+        low, high = min(values), max(values)
+        if self.op == ITEM:
+            shown = repr(low) if low == high else f"{low!r} to {high!r}"
+            why = ("given" if self.how == "given" else "assumed: fake tensors have no values; if it decides a size or "
+                   f"a branch, give it with data_dependent={{{_key(self.module, ITEM)!r}: ...}}")
+            return f"{where[0].upper() + where[1:]} reads a value from tensor data (.item(), .tolist() or " \
+                   f"bool(tensor)){times}: {shown} ({why})"
+        shown = f"{low:,}" if low == high else f"{low:,} to {high:,}"
+        of = f" of at most {bound:,}" if bound is not None else ""
+        return f"{self.op} in {where}: output size {shown}{of}{times} ({self.how})"
+
+
+def describe_choices(choices: list[Choice], skip: Callable[[Choice], bool] = lambda c: False) -> list[str]:
+    """One line per place (module, op, how the size was chosen), in the order first met."""
+    groups: dict[tuple, list[Choice]] = {}
+    for c in choices:
+        if not skip(c):
+            groups.setdefault((c.module, c.op, c.how), []).append(c)
+    lines = []
+    for group in groups.values():
+        bounds = [c.bound for c in group]
+        lines.append(group[0].describe([c.value for c in group], None if None in bounds else max(bounds)))
+    return lines
+
+
+def op_name(func) -> str:
+    """An op's short name, as ``data_dependent=`` patterns write it: "nonzero", "unique", "index", "nms"."""
+    packet = getattr(func, "overloadpacket", None)
+    name = (getattr(packet, "__name__", None) or str(func)).split("::")[-1].split(".")[0].lstrip("_")
+    return "unique" if name in ("unique2", "unique") else name
+
+
+class SizePolicy:
+    """``data_dependent=``, checked once: how each data-dependent size and value is chosen."""
+
+    def __init__(self, spec: Any = None):
+        self.spec = UPPER if spec is None else spec
+        self.rules: list[tuple[str, str | None, Any]] = []  # (module pattern, op or None, value)
+        self.used: set[int] = set()  # indices of the rules that matched a site
+        if isinstance(self.spec, str):
+            if self.spec != UPPER:
+                raise ValueError(f"data_dependent={spec!r} is unknown; valid: 'upper', a fraction in (0, 1], a dict "
+                                 "of 'module[:op]' patterns to sizes, or a callable(site)")
+        elif isinstance(self.spec, Mapping):
+            for key, value in self.spec.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"data_dependent= keys are 'module' or 'module:op' patterns, got {key!r}")
+                module, _, op = key.rpartition(":") if ":" in key else (key, "", "")
+                _check_value(value, f"data_dependent[{key!r}]")
+                self.rules.append((module, op or None, value))
+        elif not callable(self.spec):
+            _check_value(self.spec, "data_dependent")
+            if not isinstance(self.spec, float):
+                raise ValueError(f"data_dependent={spec!r}: a single number is a fraction of the largest size, in "
+                                 "(0, 1]; give sizes per module in a dict")
+        self.calls: dict[tuple[str, str], int] = {}
+        self.choices: list[Choice] = []
+
+    def _given(self, site: Site) -> tuple[Any, int | None]:
+        """The user's value for ``site`` and the index of the rule that gave it (None: the default)."""
+        if callable(self.spec) and not isinstance(self.spec, (Mapping, str)):
+            value = self.spec(site)
+            if value is not None:
+                _check_value(value, f"data_dependent({site})")
+            return value, None
+        if isinstance(self.spec, float):
+            return (self.spec if site.op != ITEM else None), None
+        for k, (module, op, value) in enumerate(self.rules):
+            if fnmatch.fnmatchcase(site.module, module) and (op is None or op == site.op):
+                return value, k
+        return None, None
+
+    def choose(self, module: str, op: str, bound: int | None, default: Any = None) -> Any:
+        """The size (or, for ``item``, the value) at this site; records the choice."""
+        call = self.calls.get((module, op), 0)
+        self.calls[(module, op)] = call + 1
+        site = Site(module, op, bound, call)
+        value, rule = self._given(site)
+        if rule is not None:
+            self.used.add(rule)
+        if isinstance(value, list):
+            value = value[call % len(value)]
+        if op == ITEM:
+            how = "assumed" if value is None else "given"
+            chosen = default if value is None else value
+        elif value is None or value == UPPER:
+            if bound is None:
+                raise DataDependentSizeError(
+                    f"{op} sizes its output by tensor values and allows any size, so there is no upper bound to "
+                    f"assume; give its size with data_dependent={{{_key(module, op)!r}: N}}")
+            chosen, how = bound, "upper bound"
+        elif isinstance(value, float):
+            if bound is None:
+                raise DataDependentSizeError(
+                    f"{op} sizes its output by tensor values and allows any size, so a fraction of its largest size "
+                    f"means nothing; give its size with data_dependent={{{_key(module, op)!r}: N}}")
+            chosen, how = math.ceil(value * bound), f"fraction {value:g}"
+        else:
+            if bound is not None and value > bound:
+                raise DataDependentSizeError(f"data_dependent= gives {op} in {module or 'the root module'} size "
+                                             f"{value}, over the largest it allows, {bound}")
+            chosen, how = int(value), "given"
+        self.choices.append(Choice(module, op, chosen, bound, how))
+        return chosen
+
+    def known(self, module: str, op: str) -> None:
+        """A call whose value the trace has (a constant): it takes its turn in a list of given values, as a
+        real run's call does, without a choice."""
+        self.calls[(module, op)] = self.calls.get((module, op), 0) + 1
+
+    def unused(self) -> list[str]:
+        """The dict's patterns that matched no size or value: most likely misspelt."""
+        return [f"{m}:{o}" if o else m for k, (m, o, _) in enumerate(self.rules) if k not in self.used]
+
+
+class DataDependentSizeError(RuntimeError):
+    """A size that depends on tensor values could not be chosen."""
+
+
+def _key(module: str, op: str) -> str:
+    return f"{module}:{op}"
+
+
+def _check_value(value: Any, name: str) -> None:
+    if isinstance(value, bool):
+        return  # a value for .item() of a bool tensor
+    if value == UPPER:
+        return
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name}={value!r} must be a size >= 0")
+        return
+    if isinstance(value, float):
+        if not 0 < value <= 1:
+            raise ValueError(f"{name}={value!r}: a fraction of the largest size must be in (0, 1]")
+        return
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        return
+    raise TypeError(f"{name}={value!r}; valid: 'upper', a size (int), a fraction in (0, 1], or a list of sizes")
+
+
+def is_data_dependent(func, exc: BaseException) -> bool:
+    """Whether ``exc`` from ``func`` on fake tensors means its output size depends on values."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+    if isinstance(exc, DynamicOutputShapeException):
+        return True
+    tags = getattr(func, "tags", ())
+    # a custom op's fake kernel asks for a dynamic size with an assertion that a ShapeEnv is present
+    return torch.Tag.dynamic_output_shape in tags or (isinstance(exc, AssertionError)
+                                                      and getattr(func, "namespace", "aten") not in ("aten", "prims"))
+
+
+def _signature(func, args, kwargs) -> tuple:
+    leaves, spec = tree_flatten((args, kwargs))
+    return (func, str(spec), tuple((tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor)
+                                   else repr(a) for a in leaves))
+
+
+def _symbolic_outputs(func, args, kwargs):
+    """Run ``func`` on fake copies of its inputs under a ShapeEnv of its own: its outputs (sized by unbacked
+    symbols where the sizes depend on values) and each symbol's upper bound (None: unbounded)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    side = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+
+    def copy(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        meta = torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+        return side.from_tensor(meta, static_shapes=True)
+
+    with side:
+        out = func(*tree_map(copy, args), **tree_map(copy, kwargs))
+    flat, spec = tree_flatten(out)
+    symbols = []
+    for t in flat:
+        if isinstance(t, torch.Tensor):
+            for n in (*t.shape, *t.stride(), t.storage_offset()):
+                if isinstance(n, torch.SymInt):
+                    symbols += [x for x in n.node.expr.free_symbols if x not in symbols]
+    bounds = []
+    for sym in symbols:
+        upper = env.var_to_range[sym].upper
+        bounds.append((sym, None if str(upper) in ("int_oo", "oo") else int(upper)))
+    return flat, spec, bounds
+
+
+def run_with_sizes(func, args, kwargs, choose: Callable[[int | None], int], cache: dict | None = None,
+                   values: ValueRanges | None = None):
+    """``func``'s outputs on the tracer's fake tensors, with every size that depends on values replaced by
+    ``choose(its upper bound)``: the fake kernel's bound, or a tighter one from the input's value range.
+    ``cache`` keeps each signature's symbolic run, which is the slow part: a loop over data-dependent sizes
+    calls the same op on the same shapes many times."""
+    key = _signature(func, args, kwargs) if cache is not None else None
+    if key is not None and key in cache:
+        flat, spec, bounds = cache[key]
+    else:
+        flat, spec, bounds = _symbolic_outputs(func, args, kwargs)
+        if key is not None:
+            cache[key] = flat, spec, bounds
+    bound_of = _BOUNDS.get(func.name() if hasattr(func, "name") else "")
+    tighter = bound_of(*args, **kwargs, values=values or ValueRanges()) if bound_of is not None else None
+    sizes = {sym: choose(bound if tighter is None else tighter if bound is None else min(bound, tighter))
+             for sym, bound in bounds}
+    device = next((a.device for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)), "cpu")
+
+    def concrete(n):
+        return int(n.node.expr.xreplace(sizes)) if isinstance(n, torch.SymInt) else int(n)
+
+    made = []
+    for t in flat:
+        if isinstance(t, torch.Tensor):
+            made.append(torch.empty_strided([concrete(n) for n in t.shape], [concrete(n) for n in t.stride()],
+                                            dtype=t.dtype, device=device))
+        else:
+            made.append(concrete(t) if isinstance(t, torch.SymInt) else t)
+    return tree_unflatten(made, spec)
+
+
+# ---- the values of integer tensors, where the trace can know their range ---------------------------------
+# Fake tensors have no values, but the range of an integer tensor often follows from how it was made: a
+# ``full`` of one level id, an ``arange``, the indices ``topk`` returns, and the ops that only move such
+# values around (views, indexing, concatenation). That range bounds the size of ``unique`` and ``bincount``
+# far below the element count: torchvision's region proposals run one NMS per distinct feature level.
+aten = torch.ops.aten
+
+_MOVES_VALUES = {p for p in (  # every output value is one of the inputs' values
+    aten.view, aten._unsafe_view, aten.reshape, aten.expand, aten.permute, aten.transpose, aten.t, aten.select,
+    aten.slice, aten.squeeze, aten.unsqueeze, aten.alias, aten.detach, aten.clone, aten.contiguous, aten.index,
+    aten.index_select, aten.gather, aten.take, aten.masked_select, aten.flip, aten.roll, aten.repeat, aten.unbind,
+    aten.split, aten.split_with_sizes, aten.chunk, aten.narrow, aten.cat, aten.stack, aten.as_strided,
+    aten.lift_fresh_copy, aten.lift_fresh, aten._to_copy, aten.flatten, aten.unflatten, aten.expand_copy,
+    aten.view_copy, aten.permute_copy, aten.unbind_copy, aten.slice_copy, aten.select_copy, aten.amax, aten.amin,
+    aten.max, aten.min, aten.sort, aten.topk, aten.unique_consecutive, aten._unique2, aten.unique_dim,
+    aten.repeat_interleave, aten.where, aten.sub, aten.add, aten.mul, aten.full, aten.full_like, aten.new_full,
+    aten.zeros, aten.zeros_like, aten.new_zeros, aten.ones, aten.ones_like, aten.new_ones, aten.scalar_tensor,
+    aten.fill, aten.fill_, aten.arange, aten.randint, aten.randperm, aten.nonzero, aten.argmax, aten.argmin,
+    aten.argsort,
+) if p is not None}
+# ops returning (values, indices): the indices range over the reduced or sorted dim
+_WITH_INDICES = {aten.max, aten.min, aten.sort, aten.topk}
+_UNIQUE = {aten._unique2, aten.unique_dim, aten.unique_consecutive}
+
+
+def _int_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+
+
+class ValueRanges:
+    """The (lowest, highest) value of integer tensors made in the trace, where it is known."""
+
+    ATTR = "_memtrace_value_range"
+
+    def of(self, t) -> tuple[int, int] | None:
+        if isinstance(t, (int, bool)) and not isinstance(t, torch.Tensor):
+            return int(t), int(t)
+        return getattr(t, self.ATTR, None) if isinstance(t, torch.Tensor) else None
+
+    def _union(self, ranges) -> tuple[int, int] | None:
+        if not ranges or any(r is None for r in ranges):
+            return None
+        return min(r[0] for r in ranges), max(r[1] for r in ranges)
+
+    def after(self, func, args, kwargs, out) -> None:
+        """Give ``out`` the range its op implies, where the op is one that ``_MOVES_VALUES`` lists."""
+        packet = getattr(func, "overloadpacket", None)
+        if packet not in _MOVES_VALUES:
+            return
+        try:
+            rng = self._range(packet, func, args, kwargs)
+        except Exception:  # an argument of a form not foreseen: no range, which is always safe
+            return
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        a = args[0] if args else None
+        if packet in _WITH_INDICES and len(outs) == 2 and isinstance(a, torch.Tensor):
+            if packet is aten.topk:
+                dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+            else:
+                dim = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim", -1)
+            self._set(outs[1], (0, max(a.shape[dim] - 1, 0) if a.dim() else 0))
+            outs = outs[:1]
+        elif packet in _UNIQUE and isinstance(a, torch.Tensor):  # (values, inverse indices, counts)
+            for t in outs[1:]:
+                self._set(t, (0, a.numel()))
+            outs = outs[:1]
+        for t in outs:
+            if rng is not None:
+                self._set(t, rng)
+
+    def _set(self, t, rng) -> None:
+        if _int_tensor(t):
+            setattr(t, self.ATTR, (int(rng[0]), int(rng[1])))
+
+    def _range(self, packet, func, args, kwargs):
+        a = args[0] if args else None
+        if packet in (aten.full, aten.new_full, aten.full_like, aten.fill, aten.fill_):
+            at = 2 if packet is aten.new_full else 1
+            v = args[at] if len(args) > at else kwargs.get("fill_value", kwargs.get("value"))
+            return self.of(v) if not isinstance(v, float) or v == int(v) else None
+        if packet in (aten.zeros, aten.zeros_like, aten.new_zeros):
+            return 0, 0
+        if packet in (aten.ones, aten.ones_like, aten.new_ones):
+            return 1, 1
+        if packet is aten.scalar_tensor:
+            return self.of(a) if isinstance(a, int) else None
+        if packet is aten.arange:
+            numbers = [x for x in args if isinstance(x, (int, float))]
+            start, end = (0, numbers[0]) if len(numbers) == 1 else (numbers[0], numbers[1])
+            step = numbers[2] if len(numbers) > 2 else 1
+            return (int(start), int(math.ceil(end)) - 1) if step > 0 else (int(math.floor(end)) + 1, int(start))
+        if packet is aten.randint:
+            low, high = (0, args[0]) if len(args) < 2 or not isinstance(args[1], int) else (args[0], args[1])
+            return low, high - 1
+        if packet is aten.randperm:
+            return 0, a - 1
+        if packet is aten.nonzero:  # an index into every dim
+            return 0, max(max(a.shape, default=1) - 1, 0)
+        if packet in (aten.argmax, aten.argmin, aten.argsort):
+            dim = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim")
+            size = a.numel() if dim is None and packet is not aten.argsort else a.shape[-1 if dim is None else dim]
+            return 0, max(size - 1, 0)
+        if packet is aten.repeat_interleave and func._overloadname == "Tensor":  # indices of the repeats
+            return 0, max(a.numel() - 1, 0)
+        if packet in (aten.max, aten.min) and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            return self._union([self.of(a), self.of(args[1])])  # elementwise with another tensor
+        if packet is aten.where:
+            return self._union([self.of(x) for x in args[1:3]]) if len(args) == 3 else None
+        if packet in (aten.add, aten.sub, aten.mul):
+            x, y = self.of(a), self.of(args[1]) if len(args) > 1 else None
+            alpha = kwargs.get("alpha", 1)
+            if x is None or y is None or not isinstance(alpha, int):
+                return None
+            if packet is aten.mul:
+                products = [i * j for i in x for j in y]
+                return min(products), max(products)
+            y = (y[0] * alpha, y[1] * alpha) if alpha >= 0 else (y[1] * alpha, y[0] * alpha)
+            return (x[0] + y[0], x[1] + y[1]) if packet is aten.add else (x[0] - y[1], x[1] - y[0])
+        if packet in (aten.cat, aten.stack):
+            return self._union([self.of(t) for t in a])
+        return self.of(a)
+
+
+def _unique_bound(self_, *args, values: ValueRanges, **kwargs) -> int | None:
+    rng = values.of(self_)
+    return None if rng is None else rng[1] - rng[0] + 1
+
+
+def _bincount_bound(self_, weights=None, minlength=0, *, values: ValueRanges) -> int | None:
+    rng = values.of(self_)
+    return None if rng is None or rng[0] < 0 else max(rng[1] + 1, minlength)
+
+
+def _repeat_interleave_bound(repeats, *args, values: ValueRanges, **kwargs) -> int | None:
+    rng = values.of(repeats)
+    return None if rng is None else max(rng[1], 0) * repeats.numel()
+
+
+# Bounds the fake kernels do not give (or give looser): by the op's name, from its arguments.
+_BOUNDS = {
+    "torchvision::nms": lambda dets, scores, iou_threshold, values: dets.shape[0],  # a subset of the boxes
+    "aten::_unique2": _unique_bound, "aten::unique_dim": _unique_bound, "aten::unique_consecutive": _unique_bound,
+    "aten::_unique": _unique_bound, "aten::bincount": _bincount_bound,
+    "aten::repeat_interleave": _repeat_interleave_bound,
+}
+
+
+# ---- the sizes a real run produces ------------------------------------------------------------------------
+class SizeRecorder(TorchDispatchMode):
+    """On a real run, records the size of every data-dependent op, keyed as ``data_dependent=`` takes them
+    ("module:op" -> sizes in call order), so that a prediction can be made at the sizes that run produced.
+    Modules are named by forward hooks, as the tracer names them; ops outside every module are under
+    ``label()``, the step's phase ("(loss)", "(optimizer)").
+
+    Values read with ``.item()`` are not recorded: real kernels read some that fake kernels do not
+    (``one_hot`` checks its input's range on the CPU), so their order does not line up with a trace's."""
+
+    def __init__(self, model: torch.nn.Module, label: Callable[[], str]):
+        super().__init__()
+        self.model, self.label = model, label
+        self.sizes: dict[str, list] = {}
+        self._stack: list[str] = []
+        self._cache: dict = {}
+        self._handles: list = []
+
+    def __enter__(self):
+        def enter(module, args, name):
+            self._stack.append(name)
+
+        def leave(module, args, out):
+            self._stack.pop()
+
+        for name, module in self.model.named_modules():
+            self._handles.append(module.register_forward_pre_hook(lambda m, a, _n=name: enter(m, a, _n)))
+            self._handles.append(module.register_forward_hook(leave))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def _record(self, op: str, value) -> None:
+        module = self._stack[-1] if self._stack else self.label()
+        self.sizes.setdefault(f"{module}:{op}", []).append(value)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if _sizes_by_values(func, args):
+            key = _signature(func, args, kwargs)
+            if key not in self._cache:
+                self._cache[key] = _symbolic_outputs(func, args, kwargs)
+            flat, _, bounds = self._cache[key]
+            real = tree_flatten(out)[0]
+            for sym, _ in bounds:
+                self._record(op_name(func), _size_of(sym, flat, real))
+        return out
+
+
+def _sizes_by_values(func, args) -> bool:
+    """Whether the tracer, on fake tensors, has to choose a size for this op."""
+    if torch.Tag.dynamic_output_shape in getattr(func, "tags", ()) or (func.name() if hasattr(func, "name") else "") in _BOUNDS:
+        return True
+    if func is aten.index.Tensor:  # a boolean mask selects a number of elements that depends on it
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    return False
+
+
+def _size_of(sym, symbolic: list, real: list) -> int:
+    """The real size that symbol ``sym`` stands for in the symbolic outputs."""
+    for s, r in zip(symbolic, real):
+        if isinstance(s, torch.Tensor):
+            for n, m in zip(s.shape, r.shape):
+                if isinstance(n, torch.SymInt) and n.node.expr == sym:
+                    return int(m)
+    raise AssertionError(f"size symbol {sym} is not a dimension of the outputs")

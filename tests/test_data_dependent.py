@@ -1,0 +1,198 @@
+"""Ops whose output size depends on tensor values, and values read from tensor data: the size policy
+(upper bound, fraction, given sizes, a callable), the bounds from value ranges, the sizes a real run
+records, and the errors where no size can be chosen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import memtrace
+from memtrace.datadep import SizePolicy
+from memtrace.measure import measure_cpu
+
+
+def allocations_of(report, op: str) -> list[int]:
+    return [a.requested_bytes for a in report.allocations if a.op == op and a.iteration == 0]
+
+
+class Positives(nn.Module):
+    """Keeps the positive entries of its input: a boolean-mask index, sized by the values."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y[y > 0]
+
+
+def test_boolean_mask_takes_the_upper_bound_by_default():
+    r = memtrace.report(Positives(), (4, 8), device="cpu", optimizer="sgd")
+    # y[y > 0] selects at most all 32 elements: 32 float32 = 128 B
+    assert allocations_of(r, "aten.index.Tensor") == [128]
+    assert r.assumptions == ("index in the root module: output size 32 of at most 32 (2 calls) (upper bound)",)
+
+
+@pytest.mark.parametrize("policy, size", [(0.25, 8), ({"": 5}, 5), ({"*": [3, 7]}, 3), ({":index": 0.5}, 16),
+                                          (lambda site: site.bound // 4, 8)])
+def test_the_policy_chooses_the_size(policy, size):
+    r = memtrace.report(Positives(), (4, 8), device="cpu", optimizer="sgd", data_dependent=policy)
+    assert allocations_of(r, "aten.index.Tensor") == [size * 4]
+
+
+def test_a_list_of_sizes_is_taken_call_by_call():
+    r = memtrace.report(Positives(), (4, 8), device="cpu", optimizer="sgd", data_dependent={"": [3, 7]})
+    sizes = [a.requested_bytes // 4 for a in r.allocations if a.op == "aten.index.Tensor"]
+    assert sizes == [3, 7]  # one call per iteration
+    assert r.assumptions == ("index in the root module: output size 3 to 7 of at most 32 (2 calls) (given)",)
+
+
+@pytest.mark.parametrize("policy, error, text", [
+    ("lower", ValueError, "data_dependent='lower' is unknown"),
+    (2.0, ValueError, "must be in (0, 1]"),
+    (3, ValueError, "a single number is a fraction"),
+    ({"": -1}, ValueError, "must be a size >= 0"),
+    ({1: 3}, TypeError, "patterns"),
+    ({"": "some"}, TypeError, "valid: 'upper'"),
+])
+def test_bad_policies_are_refused_before_tracing(policy, error, text):
+    with pytest.raises(error, match=None) as info:
+        memtrace.report(Positives(), (4, 8), device="cpu", data_dependent=policy)
+    assert text in str(info.value)
+
+
+def test_a_size_over_the_bound_is_refused():
+    with pytest.raises(memtrace.TraceError, match="size 40, over the largest it allows, 32"):
+        memtrace.report(Positives(), (4, 8), device="cpu", data_dependent={"": 40})
+
+
+def test_a_pattern_that_matches_nothing_is_refused():
+    with pytest.raises(ValueError, match="names 'lin:nonzero', which matched no op.*the step's: :index"):
+        memtrace.report(Positives(), (4, 8), device="cpu", data_dependent={"lin:nonzero": 3})
+
+
+class Repeats(nn.Module):
+    """repeat_interleave by counts it reads from its input: any output size is possible."""
+
+    def forward(self, x):
+        counts = x.abs().long().sum(-1)
+        return x.repeat_interleave(counts, dim=0)
+
+
+def test_an_unbounded_size_must_be_given():
+    with pytest.raises(memtrace.TraceError, match=r"allows any size.*data_dependent=\{':repeat_interleave': N\}"):
+        memtrace.report(Repeats(), (4, 8), device="cpu", train=False)
+    r = memtrace.report(Repeats(), (4, 8), device="cpu", train=False, data_dependent={":repeat_interleave": 10})
+    assert 10 * 8 * 4 in allocations_of(r, "aten.index_select.default")  # the 10 rows gathered, float32
+
+
+class Levels(nn.Module):
+    """The distinct values of a tensor made of two ``full``s: at most 5 (3 to 7), however long it is."""
+
+    def forward(self, x):
+        levels = torch.cat([torch.full((100,), 3), torch.full((50,), 7)])
+        return x * levels.unique().numel()
+
+
+def test_value_ranges_bound_unique():
+    r = memtrace.report(Levels(), (2,), device="cpu", optimizer=None, train=False)
+    assert r.assumptions == ("unique in the root module: output size 5 of at most 5 (2 calls) (upper bound)",)
+
+
+class TopExpert(nn.Module):
+    """Counts tokens per expert with bincount of argmax indices: at most 4 bins, one per expert."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(8, 4)
+
+    def forward(self, x):
+        counts = self.router(x).argmax(-1).bincount()
+        return x.sum() * counts.sum()
+
+
+def test_indices_bound_bincount():
+    r = memtrace.report(TopExpert(), (16, 8), device="cpu", optimizer=None, train=False)
+    assert r.assumptions[0].startswith("bincount in the root module: output size 4 of at most 4")
+
+
+def test_value_ranges_follow_only_ops_that_keep_values():
+    from memtrace.datadep import ValueRanges
+
+    values = ValueRanges()
+    with torch._subclasses.FakeTensorMode():
+        levels = torch.full((4,), 3)
+        values.after(torch.ops.aten.full.default, ((4,), 3), {}, levels)
+        doubled = torch.empty(4, dtype=torch.long)
+        values.after(torch.ops.aten.mul.Tensor, (levels, 2), {}, doubled)
+        summed = torch.empty((), dtype=torch.long)
+        values.after(torch.ops.aten.sum.default, (levels,), {}, summed)
+    assert values.of(levels) == (3, 3) and values.of(doubled) == (6, 6)
+    assert values.of(summed) is None  # a sum can take any value
+
+
+class ValueRoutedExperts(nn.Module):
+    """A mixture-of-experts layer that gathers each expert's tokens with nonzero, as transformers' eager
+    experts do."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(4, 2)
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        choice = self.router(x).argmax(-1)
+        out = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts):
+            rows = (choice == i).nonzero().squeeze(-1)
+            out = out.index_add(0, rows, expert(x[rows]))
+        return out
+
+
+def test_value_routed_experts_are_an_upper_bound_and_exact_with_the_real_sizes():
+    torch.manual_seed(0)
+    model = ValueRoutedExperts()
+    kwargs = dict(optimizer="sgd", optimizer_kwargs={"lr": 0.1})
+    measured = measure_cpu(model, (64, 4), record_data_dependent=True, **kwargs)
+    upper = memtrace.report(model, (64, 4), device="cpu", **kwargs)
+    # every expert takes all 64 rows in the upper bound; together they take 64 in the real run
+    assert upper.peak_bytes > measured.peak_bytes
+    assert [len(v) for v in measured.data_dependent.values()] == [4]  # 2 experts x 2 iterations
+    given = memtrace.report(model, (64, 4), device="cpu", data_dependent=measured.data_dependent, **kwargs)
+    assert given.peak_bytes == measured.peak_bytes
+
+
+def test_item_values_can_be_given():
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else self.b(x)
+
+    r = memtrace.report(Branch(), (2, 8), device="cpu", data_dependent={":item": [True]})
+    assert r.layer("a").gradient_bytes > 0 and r.layer("b").gradient_bytes == 0
+    assert "(2 calls): True (given)" in r.assumptions[0]
+
+
+def test_assumed_values_are_named_when_the_step_fails_later():
+    class SplitByCounts(nn.Module):
+        def forward(self, x):
+            counts = (x > 0).sum(-1).tolist()  # fake: zeros, which do not sum to the rows
+            return torch.cat([p.sum(0, keepdim=True) for p in x.flatten().split(counts)])
+
+    with pytest.raises(memtrace.TraceError, match=r"before it, 4 value\(s\) were read from tensor data.*"
+                                                  r"data_dependent=\{'\(root\):item'|data_dependent="):
+        memtrace.report(SplitByCounts(), (4, 8), device="cpu", optimizer=None)
+
+
+def test_policy_keeps_each_choice():
+    policy = SizePolicy({"a.*:nonzero": 0.5})
+    assert policy.choose("a.b", "nonzero", 10) == 5
+    assert policy.choose("c", "nonzero", 10) == 10  # no pattern: the upper bound
+    assert [c.how for c in policy.choices] == ["fraction 0.5", "upper bound"]
+    assert policy.unused() == []
