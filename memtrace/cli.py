@@ -104,6 +104,24 @@ def _variants(text: str) -> list[str]:
     return names
 
 
+def _data_dependent(text: str):
+    from .datadep import SizePolicy
+
+    text = text.strip()
+    if text.startswith("{"):
+        value = _json_object(text)
+    else:
+        try:
+            value = float(text)
+        except ValueError:
+            value = text
+    try:
+        SizePolicy(value)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("data_dependent=")) from None
+    return value
+
+
 def _gpu(text: str):
     from .gpus import lookup
 
@@ -157,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
                      metavar="[NAME=]DIMS[:DTYPE]",
                      help="an input tensor with its full shape, e.g. input_ids=8,1024:long; repeat for several; "
                           "named ones are passed as keywords")
+    inp.add_argument("--images", type=_dims, metavar="N,C,H,W",
+                     help="detection models (torchvision's R-CNNs, RetinaNet, FCOS, SSD): a list of N images of "
+                          "C x H x W and, in training, a list of N targets with --boxes boxes each")
+    inp.add_argument("--boxes", type=_positive, default=4, metavar="K",
+                     help="with --images: boxes per target (default 4; masks and keypoints are added for the "
+                          "models that take them)")
+
+    tr_data = p.add_argument_group("sizes that depend on tensor values")
+    tr_data.add_argument("--data-dependent", type=_data_dependent, metavar="POLICY",
+                         help="how the size of an op sized by values (nonzero, masks, NMS) is chosen: 'upper' (the "
+                              "largest it allows, the default), a fraction such as 0.25, or a JSON object of "
+                              "'module:op' patterns to sizes, e.g. '{\"rpn:nms\": 1000}'")
 
     tr = p.add_argument_group("training step")
     tr.add_argument("--optimizer", default="adam", choices=[*OPTIMIZERS, "none"])
@@ -211,11 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _inputs(args, built) -> dict[str, Any]:
     """``input_shape=`` or ``inputs=`` for memtrace.report, as meta tensors."""
     given = [n for n, v in (("--input-shape", args.input_shape), ("--seq-len", args.seq_len),
-                            ("--input", args.inputs)) if v]
+                            ("--input", args.inputs), ("--images", args.images)) if v]
     if len(given) > 1:
         raise UsageError(f"give the input one way: {' and '.join(given)} were both given")
     if not given:
-        raise UsageError("no input: give --input-shape (e.g. 3,224,224 with --batch-size 64), --seq-len, or --input")
+        raise UsageError("no input: give --input-shape (e.g. 3,224,224 with --batch-size 64), --seq-len, --input, "
+                         "or --images for a detection model")
+    if args.images:
+        from .loading import detection_inputs
+
+        if len(args.images) != 4:
+            raise UsageError(f"--images takes N,C,H,W (e.g. 2,3,800,800), got {','.join(map(str, args.images))}")
+        if args.batch_size or args.input_dtype is not None:
+            raise UsageError("--images gives the number of images itself; leave out --batch-size and --input-dtype")
+        return {"inputs": detection_inputs(built.module, *args.images, boxes=args.boxes, train=not args.inference)}
     if args.input_shape:
         shape = ((args.batch_size,) if args.batch_size else ()) + args.input_shape
         if args.input_dtype is None:
@@ -366,6 +405,8 @@ def _predict(args, built) -> int:
     options = dict(optimizer=None if args.optimizer == "none" else args.optimizer,
                    optimizer_kwargs=args.optimizer_kwargs, amp=False if args.amp == "off" else args.amp,
                    dtype=args.dtype, device=args.device, steps=args.steps, train=not args.inference)
+    if args.data_dependent is not None:
+        options["data_dependent"] = args.data_dependent
     if args.accumulation_steps != 1:
         options["accumulation_steps"] = args.accumulation_steps
     if args.alloc_conf is not None:

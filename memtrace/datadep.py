@@ -14,8 +14,12 @@ The policy, ``data_dependent=`` of ``memtrace.report``:
 - a dict from ``"module"`` or ``"module:op"`` patterns (``fnmatch``, first match wins; ``"*"`` matches every
   module, ``""`` the root) to an int (the size), a fraction, ``"upper"``, or a list of ints (the sizes of
   successive calls at that place, repeated from the start when the trace makes more calls, e.g. in its
-  second iteration); a value read with ``.item()`` / ``.tolist()`` matches op ``item``;
+  second iteration);
 - a callable(``Site``) returning one of those, or None for the default.
+
+A value read from tensor data (``.item()``, ``.tolist()``, ``bool(tensor)``) is 0 / False unless a dict
+pattern names op ``item`` ("router:item": [3, 5]); each such call takes its turn in a list, also the ones
+whose value the trace knows (a ``torch.tensor`` of a Python number), as they do in a real run.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ class SizePolicy:
                 if not isinstance(key, str):
                     raise TypeError(f"data_dependent= keys are 'module' or 'module:op' patterns, got {key!r}")
                 module, _, op = key.rpartition(":") if ":" in key else (key, "", "")
-                _check_value(value, f"data_dependent[{key!r}]")
+                _check_value(value, f"data_dependent[{key!r}]", item=op == ITEM)
                 self.rules.append((module, op or None, value))
         elif not callable(self.spec):
             _check_value(self.spec, "data_dependent")
@@ -121,8 +125,10 @@ class SizePolicy:
         self.choices: list[Choice] = []
 
     def _given(self, site: Site) -> tuple[Any, int | None]:
-        """The user's value for ``site`` and the index of the rule that gave it (None: the default)."""
-        if callable(self.spec) and not isinstance(self.spec, (Mapping, str)):
+        """The user's value for ``site`` and the index of the rule that gave it (None: the default). Values
+        read from tensor data come only from rules that name op ``item``; a fraction or a callable chooses
+        sizes alone."""
+        if site.op != ITEM and callable(self.spec) and not isinstance(self.spec, (Mapping, str)):
             value = self.spec(site)
             if value is not None:
                 _check_value(value, f"data_dependent({site})")
@@ -130,7 +136,7 @@ class SizePolicy:
         if isinstance(self.spec, float):
             return (self.spec if site.op != ITEM else None), None
         for k, (module, op, value) in enumerate(self.rules):
-            if fnmatch.fnmatchcase(site.module, module) and (op is None or op == site.op):
+            if fnmatch.fnmatchcase(site.module, module) and op == (site.op if site.op == ITEM or op else None):
                 return value, k
         return None, None
 
@@ -168,9 +174,14 @@ class SizePolicy:
         return chosen
 
     def known(self, module: str, op: str) -> None:
-        """A call whose value the trace has (a constant): it takes its turn in a list of given values, as a
-        real run's call does, without a choice."""
-        self.calls[(module, op)] = self.calls.get((module, op), 0) + 1
+        """A call whose value the trace has (a constant): it takes its turn in a list of given values, as the
+        same call of a real run does, and makes no choice."""
+        call = self.calls.get((module, op), 0)
+        self.calls[(module, op)] = call + 1
+        if self.rules:
+            _, rule = self._given(Site(module, op, None, call))
+            if rule is not None:
+                self.used.add(rule)
 
     def unused(self) -> list[str]:
         """The dict's patterns that matched no size or value: most likely misspelt."""
@@ -185,9 +196,17 @@ def _key(module: str, op: str) -> str:
     return f"{module}:{op}"
 
 
-def _check_value(value: Any, name: str) -> None:
+_VALID = "valid: 'upper', a size (int), a fraction in (0, 1], or a list of sizes"
+
+
+def _check_value(value: Any, name: str, item: bool = False) -> None:
+    if item:  # values read from tensor data: any number or bool, or a list of them
+        if isinstance(value, (int, float, bool)) or (
+                isinstance(value, list) and value and all(isinstance(v, (int, float, bool)) for v in value)):
+            return
+        raise TypeError(f"{name}={value!r}; a value read from tensor data is a number or a bool, or a list of them")
     if isinstance(value, bool):
-        return  # a value for .item() of a bool tensor
+        raise TypeError(f"{name}={value!r}; {_VALID}")
     if value == UPPER:
         return
     if isinstance(value, int):
@@ -200,7 +219,7 @@ def _check_value(value: Any, name: str) -> None:
         return
     if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
         return
-    raise TypeError(f"{name}={value!r}; valid: 'upper', a size (int), a fraction in (0, 1], or a list of sizes")
+    raise TypeError(f"{name}={value!r}; {_VALID}")
 
 
 def is_data_dependent(func, exc: BaseException) -> bool:

@@ -276,6 +276,35 @@ def token_inputs(model: torch.nn.Module, batch: int, seq_len: int, task: str | N
     return inputs
 
 
+def detection_inputs(model: torch.nn.Module, n: int, channels: int, height: int, width: int, boxes: int = 4,
+                     train: bool = True) -> tuple:
+    """A torchvision detector's inputs: a list of ``n`` images and, in training, a list of ``n`` targets
+    with ``boxes`` valid boxes and labels each, plus masks or keypoints where the model's heads take them.
+    Real tensors, with values a real step accepts (``--verify`` runs one)."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(channels, height, width, generator=g) for _ in range(n)]
+    if not train:
+        return (images,)
+    heads = getattr(model, "roi_heads", None)
+    has_mask = callable(getattr(heads, "has_mask", None)) and heads.has_mask()
+    has_keypoint = callable(getattr(heads, "has_keypoint", None)) and heads.has_keypoint()
+    classes = max(2, int(getattr(getattr(heads, "box_predictor", None), "cls_score", torch.nn.Linear(1, 91)).out_features))
+    targets = []
+    for _ in range(n):
+        corner = torch.rand(boxes, 2, generator=g) * torch.tensor([width, height]) * 0.6
+        size = torch.rand(boxes, 2, generator=g) * torch.tensor([width, height]) * 0.3 + 2
+        target = {"boxes": torch.cat([corner, corner + size], 1),
+                  "labels": torch.randint(1, classes, (boxes,), generator=g)}
+        if has_mask:
+            target["masks"] = torch.zeros(boxes, height, width, dtype=torch.uint8)
+        if has_keypoint:
+            points = heads.keypoint_predictor.kps_score_lowres.out_channels
+            xy = corner[:, None, :] + torch.rand(boxes, points, 2, generator=g) * size[:, None, :]
+            target["keypoints"] = torch.cat([xy, torch.ones(boxes, points, 1)], 2)
+        targets.append(target)
+    return images, targets
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -335,3 +335,29 @@ def test_alloc_conf_flag(capsys, monkeypatch):
                           monkeypatch)
     assert data["allocator"] == "cuda-caching, expandable segments"
     assert data["settings"]["alloc_conf"] == "expandable_segments:True"
+
+
+def test_detection_images_and_targets(capsys, monkeypatch):
+    pytest.importorskip("torchvision")
+    detector = ["torchvision.models.detection:fasterrcnn_mobilenet_v3_large_320_fpn", "--model-kwargs",
+                '{"weights_backbone": null, "num_classes": 5}', "--device", "cpu", "--optimizer", "sgd", "--steps", "1"]
+    got = run_in_process(detector + ["--images", "2,3,96,128", "--boxes", "3", "--data-dependent",
+                                     '{"rpn:nms": 100}'], capsys, monkeypatch)
+    keys = [(i["key"], i["shape"]) for i in got["settings"]["inputs"]]
+    assert keys[:2] == [("0[0]", [3, 96, 128]), ("0[1]", [3, 96, 128])]
+    assert ("1[1].boxes", [3, 4]) in keys and ("1[1].labels", [3]) in keys
+    assert any(a.startswith("nms in module 'rpn': output size 100 of at most") and a.endswith("(given)")
+               for a in got["assumptions"])
+    assert any(a.startswith("nonzero in module 'rpn'") and a.endswith("(upper bound)") for a in got["assumptions"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--images", "2,3,96"], "--images takes N,C,H,W"),
+    (["--input-shape", "3,4", "--data-dependent", "2"], "must be in (0, 1]"),
+    (["--input-shape", "3,4", "--data-dependent", "lots"], "'lots' is unknown"),
+])
+def test_bad_detection_and_data_dependent_flags(args, message, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(main([MLP, *args]))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -196,3 +196,16 @@ def test_policy_keeps_each_choice():
     assert policy.choose("c", "nonzero", 10) == 10  # no pattern: the upper bound
     assert [c.how for c in policy.choices] == ["fraction 0.5", "upper bound"]
     assert policy.unused() == []
+
+
+def test_sizes_and_values_come_from_their_own_patterns():
+    from memtrace.datadep import ITEM
+
+    policy = SizePolicy({"*": 3, "r:item": [2.5, True]})
+    assert policy.choose("r", "nonzero", 10) == 3
+    assert policy.choose("r", ITEM, None, 0) == 2.5  # a value read from data may be any number
+    assert policy.choose("x", ITEM, None, 0) == 0  # "*" gives sizes alone: this value is assumed
+    policy.known("r", ITEM)  # a value the trace holds takes its turn: the list is at its start again
+    assert policy.choose("r", ITEM, None, 0) == 2.5
+    with pytest.raises(TypeError, match="a number or a bool"):
+        SizePolicy({"r:item": "x"})
