@@ -1,4 +1,4 @@
-"""Draws the README's pictures of a step and writes the matching snapshots: ``python docs/pictures.py``.
+"""Draws the pictures of a step in docs/python.md and writes the matching snapshots: ``python docs/pictures.py``.
 
 A 50-layer CNN (torchvision's ResNet-50, batch 32, Adam) and a 32-layer LLaMA-style language model
 (hidden size 1024, sequence 1024, batch 8, AdamW, bf16 autocast), both built on the meta device and
