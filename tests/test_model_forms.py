@@ -23,10 +23,11 @@ def two_linears(dtype=torch.float32) -> nn.Sequential:
 
 # ---- the model's own dtypes -------------------------------------------------------------------------------
 
-def test_a_bf16_model_is_predicted_in_bf16():
-    r = memtrace.report(two_linears(torch.bfloat16), input_shape=(8, 64), optimizer="adam", device="cpu")
-    assert r.settings["dtype"] == "bfloat16"
-    assert r.settings["inputs"][0]["dtype"] == "bfloat16"  # input_shape= feeds the parameters' dtype
+@pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "bfloat16"), (torch.float16, "float16")])
+def test_a_16_bit_model_is_predicted_in_its_dtype(dtype, name):
+    r = memtrace.report(two_linears(dtype), input_shape=(8, 64), optimizer="adam", device="cpu")
+    assert r.settings["dtype"] == name
+    assert r.settings["inputs"][0]["dtype"] == name  # input_shape= feeds the parameters' dtype
     assert r.by_category[C.PARAMETER] == 8320 * 2  # 2 B each
     # Adam's exp_avg and exp_avg_sq in the parameters' dtype; Adam's step counters are 4 B float32 scalars
     assert r.by_category[C.OPTIMIZER_STATE] == 2 * 8320 * 2 + 4 * 4
