@@ -231,7 +231,9 @@ class StorageTracker(TorchDispatchMode):
             first = schema.arguments[0] if schema is not None and schema.arguments else None
             if first is not None and first.alias_info is not None and first.alias_info.is_write:
                 return args[0]  # in place (x[mask] = v): the output is the input, whatever the values
-            raise exc from None
+            raise DataDependentSizeError(
+                f"{name} sizes its output by tensor values, and this PyTorch's fake kernel for it cannot size it "
+                f"even symbolically ({type(exc).__name__}), so no size can be chosen") from exc
 
     def _see(self, t: torch.Tensor, func) -> None:
         st = t.untyped_storage()

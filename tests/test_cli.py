@@ -157,7 +157,7 @@ def test_module_entry_point_and_help():
     (["tests/tiny_models.py:token_batch", "--input-shape", "3"], 1, "returned a dict, not a torch.nn.Module"),
     (["hf:Llama", "--seq-len", "8"], 1, "hf:Llama is not a transformers configuration class"),
     (["hf:GPT2Config", "--model-kwargs", '{"n_layers": 2}', "--seq-len", "8"], 2,
-     "--model-kwargs field 'n_layers' is not a field of GPT2Config (hf:GPT2Config); closest: n_layer, num_hidden_layers"),
+     "--model-kwargs field 'n_layers' is not a field of GPT2Config (hf:GPT2Config); closest: n_layer, "),
     (["hf:LlamaConfig", "--model-kwargs", '{"hidden": 64}', "--seq-len", "8"], 2,
      "--model-kwargs field 'hidden' is not a field of LlamaConfig"),
     ([MLP, "--input-shape", "3,5"], 1, "forward of iteration 0 failed in module '0' (Linear, input shapes [3, 5])"),
