@@ -254,7 +254,7 @@ def _about_the_model(model: torch.nn.Module, options: Options) -> list[str]:
                      "exist, and AOTAutograd's partitioner recomputes cheap ops instead of saving them) or, less "
                      "often, higher.")
     if options.train:
-        in_eval = [name or "the root module" for name, m in model.named_modules() if not m.training]
+        in_eval = [name or "the root module" for name, m in eager_module(model).named_modules() if not m.training]
         if in_eval:
             shown = ", ".join(repr(n) for n in in_eval[:3]) + (", ..." if len(in_eval) > 3 else "")
             which = ("The model was" if in_eval[0] == "the root module" else

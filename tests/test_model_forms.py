@@ -73,6 +73,13 @@ def test_a_compiled_model_is_said_to_be_traced_eager():
     assert not any("torch.compile" in n for n in memtrace.report(model, (2, 4), device="cpu").notes)
 
 
+def test_a_compiled_model_in_eval_mode_names_its_own_modules():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(), nn.Linear(4, 4))
+    model[1].eval()
+    r = memtrace.report(torch.compile(model), (2, 4), device="cpu")
+    assert any(n.startswith("Module '1' was in eval mode") for n in r.notes)  # not '_orig_mod.1'
+
+
 def test_a_compiled_submodule_is_named():
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
     model[1] = torch.compile(model[1])
