@@ -328,8 +328,13 @@ _WITH_INDICES = {aten.max, aten.min, aten.sort, aten.topk}
 _UNIQUE = {aten._unique2, aten.unique_dim, aten.unique_consecutive}
 
 
+_INTEGER_DTYPES = frozenset(d for d in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                                        getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+                                        getattr(torch, "uint64", None)) if d is not None)
+
+
 def _int_tensor(t) -> bool:
-    return isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+    return isinstance(t, torch.Tensor) and t.dtype in _INTEGER_DTYPES
 
 
 class ValueRanges:
@@ -349,6 +354,15 @@ class ValueRanges:
 
     def after(self, func, args, kwargs, out) -> None:
         """Give ``out`` the range its op implies, where the op is one that ``_MOVES_VALUES`` lists."""
+        # most outputs are floating point: nothing to know, found first since this runs after every op
+        if isinstance(out, torch.Tensor):
+            if out.dtype not in _INTEGER_DTYPES:
+                return
+            outs = (out,)
+        elif isinstance(out, (tuple, list)) and any(_int_tensor(t) for t in out):
+            outs = out
+        else:
+            return
         packet = getattr(func, "overloadpacket", None)
         if packet not in _MOVES_VALUES:
             return
@@ -356,7 +370,6 @@ class ValueRanges:
             rng = self._range(packet, func, args, kwargs)
         except Exception:  # an argument of a form not foreseen: no range, which is always safe
             return
-        outs = out if isinstance(out, (tuple, list)) else (out,)
         a = args[0] if args else None
         if packet in _WITH_INDICES and len(outs) == 2 and isinstance(a, torch.Tensor):
             if packet is aten.topk:
