@@ -303,6 +303,47 @@ def run_with_sizes(func, args, kwargs, choose: Callable[[int | None], int], cach
     return tree_unflatten(made, spec)
 
 
+class DataDependence:
+    """What the tracer does where fake tensors lack the values an op needs: it reads a value (``.item()``)
+    or sizes its output by values. Keeps the policy and its choices, the ops' symbolic runs and the value
+    ranges of integer tensors (``values.after`` is told of every op)."""
+
+    def __init__(self, sizes: SizePolicy):
+        self.sizes = sizes
+        self.values = ValueRanges()
+        self._symbolic_runs: dict = {}  # data-dependent ops' symbolic outputs, by signature
+
+    def value_read(self, args, module: str):
+        """A value read from tensor data (``.item()``, ``.tolist()``, ``bool(tensor)``): the one given with
+        ``data_dependent=``, else 0 / False."""
+        value: object = 0
+        if args and isinstance(args[0], torch.Tensor):
+            dtype = args[0].dtype
+            value = False if dtype == torch.bool else (0.0 if dtype.is_floating_point else 0)
+        return self.sizes.choose(module, ITEM, None, value)
+
+    def value_known(self, module: str) -> None:
+        """A value read from a tensor whose value the trace holds: it takes its turn in a list of given ones."""
+        self.sizes.known(module, ITEM)
+
+    def sized(self, func, args, kwargs, exc: Exception, module: str):
+        """The outputs of an op whose size depends on tensor values, at the sizes the policy chooses."""
+        name = op_name(func)
+        try:
+            return run_with_sizes(func, args, kwargs, lambda bound: self.sizes.choose(module, name, bound),
+                                  self._symbolic_runs, self.values)
+        except DataDependentSizeError:
+            raise
+        except Exception:
+            schema = getattr(func, "_schema", None)
+            first = schema.arguments[0] if schema is not None and schema.arguments else None
+            if first is not None and first.alias_info is not None and first.alias_info.is_write:
+                return args[0]  # in place (x[mask] = v): the output is the input, whatever the values
+            raise DataDependentSizeError(
+                f"{name} sizes its output by tensor values, and this PyTorch's fake kernel for it cannot size it "
+                f"even symbolically ({type(exc).__name__}), so no size can be chosen") from exc
+
+
 # ---- the values of integer tensors, where the trace can know their range ---------------------------------
 # Fake tensors have no values, but the range of an integer tensor often follows from how it was made: a
 # ``full`` of one level id, an ``arange``, the indices ``topk`` returns, and the ops that only move such

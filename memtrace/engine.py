@@ -386,9 +386,9 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
             for h in handles:
                 h.remove()
         tracker.stop()
-    unused = tracker.sizes.unused()
+    unused = tracker.data.sizes.unused()
     if unused:
-        places = list(dict.fromkeys(f"{c.module}:{c.op}" for c in tracker.sizes.choices)) or ["none"]
+        places = list(dict.fromkeys(f"{c.module}:{c.op}" for c in tracker.assumptions)) or ["none"]
         raise ValueError(f"data_dependent= names {unused[0]!r}, which matched no op whose size or value depends on "
                          f"tensor data; the step's: {', '.join(places[:8])}{', ...' if len(places) > 8 else ''}")
     new_position = tracker.fuse_accumulations()
@@ -439,10 +439,11 @@ def _explain(exc: Exception, tracker: StorageTracker) -> Exception:
 def _assumed_values(tracker: StorageTracker) -> str:
     """A failure after values were read from tensor data, which fake tensors do not have, may come from the
     values assumed: say which, and how to give them."""
-    assumed = [c for c in tracker.sizes.choices if c.op == ITEM and c.how == "assumed" and not c.module.startswith("(")]
+    assumed = [c for c in tracker.assumptions if c.op == ITEM and c.how == "assumed" and not c.module.startswith("(")]
     if not assumed:
         return ""
     last = assumed[-1]
+    where = f"module '{last.module}'" if last.module else "the root module"
     return (f" (before it, {len(assumed)} value(s) were read from tensor data with .item() / .tolist(), which fake "
-            f"tensors do not have, and assumed {last.value!r}, the last in module '{last.module}'; if they set a "
-            f"size, give them with data_dependent={{'{last.module}:item': [...]}})")
+            f"tensors do not have, and assumed {last.value!r}, the last in {where}; if they set a size, give them "
+            f"with data_dependent={{'{last.module}:item': [...]}})")

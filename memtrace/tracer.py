@@ -24,8 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .datadep import (ITEM, DataDependentSizeError, SizePolicy, ValueRanges, is_data_dependent, op_name,
-                      run_with_sizes)
+from .datadep import DataDependence, SizePolicy, is_data_dependent
 from .options import Category, Phase
 
 try:  # the exception FakeTensorMode raises for .item() on data it does not have
@@ -95,9 +94,7 @@ class StorageTracker(TorchDispatchMode):
     def __init__(self, target, sizes: SizePolicy | None = None):
         super().__init__()
         self.target = target
-        self.sizes = sizes or SizePolicy()  # chooses data-dependent sizes and values, and keeps the choices
-        self._symbolic_runs: dict = {}  # data-dependent ops' symbolic outputs, by signature
-        self.values = ValueRanges()  # the value ranges of integer tensors, where known
+        self.data = DataDependence(sizes or SizePolicy())  # sizes and values that depend on tensor data
         self.dispatch_rules = target.rules.ops
         self.records: list[StorageRecord] = []
         # the allocation order: (record index, True) for an allocation, (record index, False) for its free
@@ -133,15 +130,15 @@ class StorageTracker(TorchDispatchMode):
         try:
             out = rule(self, func, args, kwargs) if rule is not None else func(*args, **kwargs)
         except DataDependentOutputException:
-            out = self._assume(func, args)
+            out = self.data.value_read(args, self.current_module())
         except Exception as exc:
             if not is_data_dependent(func, exc):
                 raise
-            out = self._sized_by_policy(func, args, kwargs, exc)
+            out = self.data.sized(func, args, kwargs, exc, self.current_module())
         else:
-            if func is _LOCAL_SCALAR:  # a value fake tensors hold (a torch.tensor of a Python number): counted,
-                self.sizes.known(self.current_module(), ITEM)  # so given values line up with a real run's
-        self.values.after(func, args, kwargs, out)
+            if func is _LOCAL_SCALAR:  # a value fake tensors hold (a torch.tensor of a Python number)
+                self.data.value_known(self.current_module())
+        self.data.values.after(func, args, kwargs, out)
         self.op_count += 1
         if self.flops is not None and self.where.iteration == 0:  # later iterations repeat the first's FLOPs
             self.flops.count(func, args, kwargs, out, self.where.phase)
@@ -209,32 +206,6 @@ class StorageTracker(TorchDispatchMode):
         if operand is not None:
             rec.sums_into = operand.index
 
-    def _assume(self, func, args):
-        """A value read from tensor data (``.item()``, ``.tolist()``, ``bool(tensor)``): the one given with
-        ``data_dependent=``, else 0 / False."""
-        value: object = 0
-        if args and isinstance(args[0], torch.Tensor):
-            dtype = args[0].dtype
-            value = False if dtype == torch.bool else (0.0 if dtype.is_floating_point else 0)
-        return self.sizes.choose(self.current_module(), ITEM, None, value)
-
-    def _sized_by_policy(self, func, args, kwargs, exc: Exception):
-        """An op whose output size depends on tensor values, run with the sizes the policy chooses."""
-        module, name = self.current_module(), op_name(func)
-        try:
-            return run_with_sizes(func, args, kwargs, lambda bound: self.sizes.choose(module, name, bound),
-                                  self._symbolic_runs, self.values)
-        except DataDependentSizeError:
-            raise
-        except Exception:
-            schema = getattr(func, "_schema", None)
-            first = schema.arguments[0] if schema is not None and schema.arguments else None
-            if first is not None and first.alias_info is not None and first.alias_info.is_write:
-                return args[0]  # in place (x[mask] = v): the output is the input, whatever the values
-            raise DataDependentSizeError(
-                f"{name} sizes its output by tensor values, and this PyTorch's fake kernel for it cannot size it "
-                f"even symbolically ({type(exc).__name__}), so no size can be chosen") from exc
-
     def _see(self, t: torch.Tensor, func) -> None:
         st = t.untyped_storage()
         key = st._cdata
@@ -293,7 +264,7 @@ class StorageTracker(TorchDispatchMode):
     @property
     def assumptions(self) -> list:
         """The data-dependent sizes and values chosen so far (``datadep.Choice``)."""
-        return self.sizes.choices
+        return self.data.sizes.choices
 
     # ---- where we are ------------------------------------------------------------------------
     def record_of(self, t: torch.Tensor) -> StorageRecord | None:
