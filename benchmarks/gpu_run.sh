@@ -3,7 +3,7 @@
 #   versions.txt (nvidia-smi, torch, CUDA, cuDNN), cuda_checks.md (benchmarks/cuda_checks.py),
 #   test_against_cuda.txt (the suite's GPU tests), accuracy.md (the accuracy suite on CUDA, 3 optimizers x
 #   3 AMP modes, merged from SHARDS processes), full_size.md (models at training sizes, AdamW, float32 and
-#   bf16 AMP), cli_verify.txt (the command line's --verify on the README's ResNet-50), traces/ (allocator
+#   bf16 AMP), cli_verify.txt (the command line's --verify on the ResNet-50 example of docs/cli.md), traces/ (allocator
 #   traces of the accuracy cases off by more than 0.1 %), and each script's stderr. The parts run side by side: each process has its own caching
 #   allocator and its own peak statistics, so they do not disturb one another's numbers; each has its own
 #   time limit, so a slow part still leaves the others' results. Run from the repository root:
