@@ -24,8 +24,13 @@ whose value the trace knows (a ``torch.tensor`` of a Python number), as they do 
 
 from __future__ import annotations
 
+import ast
 import fnmatch
+import functools
+import linecache
 import math
+import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 UPPER = "upper"
 ITEM = "item"  # the op name of a value read from tensor data
+ASSERTED = "asserted"  # how a value read by an assert statement is chosen: the assertion holds
 
 
 @dataclass(frozen=True)
@@ -58,37 +64,51 @@ class Choice:
     bound: int | None
     how: str  # "upper bound", "fraction 0.25", "given", "assumed"
 
-    def describe(self, values: list | None = None, bound: int | None = None) -> str:
-        """One line; ``values``: the values chosen at this place over all its calls, when several, and
-        ``bound`` the largest of their bounds."""
-        values = values or [self.value]
-        bound = self.bound if bound is None else bound
-        where = ("the root module" if not self.module else self.module if self.module.startswith("(")
-                 else f"module '{self.module}'")
-        times = f" ({len(values)} calls)" if len(values) > 1 else ""
-        low, high = min(values), max(values)
-        if self.op == ITEM:
-            shown = repr(low) if low == high else f"{low!r} to {high!r}"
-            why = ("given" if self.how == "given" else "assumed: fake tensors have no values; if it decides a size or "
-                   f"a branch, give it with data_dependent={{{_key(self.module, ITEM)!r}: ...}}")
-            return f"{where[0].upper() + where[1:]} reads a value from tensor data (.item(), .tolist() or " \
-                   f"bool(tensor)){times}: {shown} ({why})"
-        shown = f"{low:,}" if low == high else f"{low:,} to {high:,}"
-        of = f" of at most {bound:,}" if bound is not None else ""
-        return f"{self.op} in {where}: output size {shown}{of}{times} ({self.how})"
+
+def _place(modules: list[str]) -> str:
+    def one(m: str) -> str:
+        return "the root module" if not m else m if m.startswith("(") else f"module '{m}'"
+
+    if len(modules) == 1:
+        return one(modules[0])
+    shown = ", ".join(repr(m) for m in modules[:3]) + (", ..." if len(modules) > 3 else "")
+    return f"{len(modules)} modules ({shown})"
 
 
 def describe_choices(choices: list[Choice], skip: Callable[[Choice], bool] = lambda c: False) -> list[str]:
-    """One line per place (module, op, how the size was chosen), in the order first met."""
-    groups: dict[tuple, list[Choice]] = {}
+    """One line per op and way of choosing, in the order first met: the modules it happened in (those
+    where the same values were chosen share a line), the values and their bound, the calls."""
+    places: dict[tuple, list[Choice]] = {}
     for c in choices:
         if not skip(c):
-            groups.setdefault((c.module, c.op, c.how), []).append(c)
-    lines = []
-    for group in groups.values():
+            places.setdefault((c.module, c.op, c.how), []).append(c)
+    lines: dict[tuple, list] = {}  # (op, how, values shown, bound) -> [modules, calls]
+    for (module, op, how), group in places.items():
+        values = [c.value for c in group]
+        low, high = min(values), max(values)
         bounds = [c.bound for c in group]
-        lines.append(group[0].describe([c.value for c in group], None if None in bounds else max(bounds)))
-    return lines
+        key = (op, how, (low, high), None if None in bounds else max(bounds))
+        line = lines.setdefault(key, [[], 0])
+        line[0].append(module)
+        line[1] += len(group)
+    return [_line(op, how, values, bound, modules, calls) for (op, how, values, bound), (modules, calls) in lines.items()]
+
+
+def _line(op: str, how: str, values: tuple, bound: int | None, modules: list[str], calls: int) -> str:
+    where = _place(modules)
+    times = f" ({calls} calls)" if calls > 1 else ""
+    low, high = values
+    if op == ITEM:
+        shown = repr(low) if low == high else f"{low!r} to {high!r}"
+        why = ("given" if how == "given" else
+               "read by an assert, which holds in any run that gets past it" if how == ASSERTED else
+               "assumed: fake tensors have no values; if it decides a size or "
+               f"a branch, give it with data_dependent={{{_key(modules[0], ITEM)!r}: ...}}")
+        return f"{where[0].upper() + where[1:]} read{'s' if len(modules) == 1 else ''} a value from tensor data " \
+               f"(.item(), .tolist() or bool(tensor)){times}: {shown} ({why})"
+    shown = f"{low:,}" if low == high else f"{low:,} to {high:,}"
+    of = f" of at most {bound:,}" if bound is not None else ""
+    return f"{op} in {where}: output size {shown}{of}{times} ({how})"
 
 
 def op_name(func) -> str:
@@ -140,8 +160,9 @@ class SizePolicy:
                 return value, k
         return None, None
 
-    def choose(self, module: str, op: str, bound: int | None, default: Any = None) -> Any:
-        """The size (or, for ``item``, the value) at this site; records the choice."""
+    def choose(self, module: str, op: str, bound: int | None, default: Any = None, how: str = "assumed") -> Any:
+        """The size (or, for ``item``, the value) at this site; records the choice. ``how``: what a value
+        not given is, "assumed" or ``ASSERTED``."""
         call = self.calls.get((module, op), 0)
         self.calls[(module, op)] = call + 1
         site = Site(module, op, bound, call)
@@ -151,7 +172,7 @@ class SizePolicy:
         if isinstance(value, list):
             value = value[call % len(value)]
         if op == ITEM:
-            how = "assumed" if value is None else "given"
+            how = how if value is None else "given"
             chosen = default if value is None else value
         elif value is None or value == UPPER:
             if bound is None:
@@ -186,6 +207,36 @@ class SizePolicy:
     def unused(self) -> list[str]:
         """The dict's patterns that matched no size or value: most likely misspelt."""
         return [f"{m}:{o}" if o else m for k, (m, o, _) in enumerate(self.rules) if k not in self.used]
+
+
+def _read_by_an_assert() -> bool:
+    """Whether the value being read is read by an ``assert`` statement: in the innermost frame outside
+    torch and memtrace, or in one of torch's on the way there (``torch._assert``)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        ours = filename.startswith(_MEMTRACE_DIR)
+        if not ours and frame.f_lineno in _assert_lines(filename):
+            return True
+        if not ours and not filename.startswith(_TORCH_DIR):
+            return False
+        frame = frame.f_back
+    return False
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_MEMTRACE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+@functools.lru_cache(maxsize=256)
+def _assert_lines(filename: str) -> frozenset:
+    """The line numbers that ``assert`` statements span in a source file."""
+    try:
+        tree = ast.parse("".join(linecache.getlines(filename)))
+    except (SyntaxError, ValueError):
+        return frozenset()
+    return frozenset(line for node in ast.walk(tree) if isinstance(node, ast.Assert)
+                     for line in range(node.lineno, (node.end_lineno or node.lineno) + 1))
 
 
 class DataDependentSizeError(RuntimeError):
@@ -312,15 +363,23 @@ class DataDependence:
         self.sizes = sizes
         self.values = ValueRanges()
         self._symbolic_runs: dict = {}  # data-dependent ops' symbolic outputs, by signature
+        self.assumed_counts = 0  # integer values assumed 0 and not yet taken up by a split (see split)
+        self._splits: dict[tuple[int, int], list[int]] = {}  # (pieces, size split) -> the last sizes chosen
 
     def value_read(self, args, module: str):
         """A value read from tensor data (``.item()``, ``.tolist()``, ``bool(tensor)``): the one given with
-        ``data_dependent=``, else 0 / False."""
+        ``data_dependent=``, else True when an ``assert`` reads it (an assertion on data holds in any run
+        that gets past it), else 0 / False."""
         value: object = 0
         if args and isinstance(args[0], torch.Tensor):
             dtype = args[0].dtype
             value = False if dtype == torch.bool else (0.0 if dtype.is_floating_point else 0)
-        return self.sizes.choose(module, ITEM, None, value)
+        if value is False and _read_by_an_assert():
+            return self.sizes.choose(module, ITEM, None, True, how=ASSERTED)
+        chosen = self.sizes.choose(module, ITEM, None, value)
+        if self.sizes.choices[-1].how == "assumed" and isinstance(value, int) and not isinstance(value, bool):
+            self.assumed_counts += 1
+        return chosen
 
     def value_known(self, module: str) -> None:
         """A value read from a tensor whose value the trace holds: it takes its turn in a list of given ones."""
@@ -342,6 +401,44 @@ class DataDependence:
             raise DataDependentSizeError(
                 f"{name} sizes its output by tensor values, and this PyTorch's fake kernel for it cannot size it "
                 f"even symbolically ({type(exc).__name__}), so no size can be chosen") from exc
+
+    def splits_assumed_counts(self, func, args) -> bool:
+        """``x.split(counts.tolist())``: a mixture-of-experts layer splits its tokens by the counts its router
+        made, read from tensor data. Assumed 0, they sum to nothing, and PyTorch refuses the split; the
+        split is then the op that sizes its pieces by values."""
+        if func is not aten.split_with_sizes.default or len(args) < 2 or not isinstance(args[1], (list, tuple)):
+            return False
+        sizes, dim = args[1], args[2] if len(args) > 2 else 0
+        if not sizes or any(s != 0 for s in sizes):
+            return False
+        # new counts, or the same counts splitting a tensor of the same size again (input and output
+        # projections of the same experts)
+        return len(sizes) <= self.assumed_counts or (len(sizes), args[0].shape[dim]) in self._splits
+
+    def split(self, func, args, kwargs, module: str):
+        """The split of ``splits_assumed_counts``, its pieces sized by the policy: by default the first piece
+        takes the whole dim (the largest a piece can be) and the others none; a fraction gives each piece
+        that share of the dim while it lasts; a list gives the sizes."""
+        x, sizes = args[0], args[1]
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        total, left, chosen = x.shape[dim], x.shape[dim], []
+        if len(sizes) > self.assumed_counts:  # the counts split before
+            return func(x, self._splits[(len(sizes), total)], dim)
+        self.assumed_counts -= len(sizes)
+        wanted = [self.sizes.choose(module, "split", total) for _ in sizes[:-1]]
+        how = self.sizes.choices[-1].how if wanted else "upper bound"
+        if how == "given" and sum(wanted) > total:
+            raise DataDependentSizeError(f"data_dependent= gives split in {module or 'the root module'} sizes "
+                                         f"{wanted} over the {total} it splits")
+        for piece in wanted:  # each while the dim lasts, the last piece what is left
+            chosen.append(min(piece, left))
+            left -= chosen[-1]
+        chosen.append(left)
+        # the choices as made: the pieces, not what was asked of each
+        del self.sizes.choices[len(self.sizes.choices) - len(wanted):]
+        self.sizes.choices += [Choice(module, "split", piece, total, how) for piece in chosen]
+        self._splits[(len(sizes), total)] = chosen
+        return func(x, chosen, dim)
 
 
 # ---- the values of integer tensors, where the trace can know their range ---------------------------------

@@ -132,9 +132,12 @@ class StorageTracker(TorchDispatchMode):
         except DataDependentOutputException:
             out = self.data.value_read(args, self.current_module())
         except Exception as exc:
-            if not is_data_dependent(func, exc):
+            if is_data_dependent(func, exc):
+                out = self.data.sized(func, args, kwargs, exc, self.current_module())
+            elif self.data.splits_assumed_counts(func, args):
+                out = self.data.split(func, args, kwargs, self.current_module())
+            else:
                 raise
-            out = self.data.sized(func, args, kwargs, exc, self.current_module())
         else:
             if func is _LOCAL_SCALAR:  # a value fake tensors hold (a torch.tensor of a Python number)
                 self.data.value_known(self.current_module())

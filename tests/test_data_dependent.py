@@ -225,3 +225,70 @@ def test_sizes_and_values_come_from_their_own_patterns():
     assert policy.choose("r", ITEM, None, 0) == 2.5
     with pytest.raises(TypeError, match="a number or a bool"):
         SizePolicy({"r:item": "x"})
+
+
+class ChecksItsInput(nn.Module):
+    """Asserts on tensor values, as models do to check their inputs (ProphetNet's shifted ids, I-BERT's
+    NaN checks): a run that gets past the assertion has it hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        assert (x.abs() >= 0).all(), "negative magnitudes"
+        assert torch.isnan(x).sum() == 0 and \
+            x.isfinite().all().item()
+        y = self.lin(x)
+        return y if y.sum() > 0 else -y  # not an assert: False, the branch for False
+
+
+def test_a_value_read_by_an_assert_holds():
+    r = memtrace.report(ChecksItsInput(), (2, 8), device="cpu", optimizer="sgd")
+    assert r.assumptions == (
+        "The root module reads a value from tensor data (.item(), .tolist() or bool(tensor)) (6 calls): True "
+        "(read by an assert, which holds in any run that gets past it)",
+        "The root module reads a value from tensor data (.item(), .tolist() or bool(tensor)) (2 calls): False "
+        "(assumed: fake tensors have no values; if it decides a size or a branch, give it with "
+        "data_dependent={':item': ...})")
+
+
+class CountedExperts(nn.Module):
+    """Splits its tokens by the counts its router made, read with .tolist(), as JetMoE's experts do; the
+    same counts split the output projection's input again."""
+
+    def __init__(self, experts=4):
+        super().__init__()
+        self.router = nn.Linear(16, experts)
+        self.up = nn.Parameter(torch.randn(experts, 16, 32) * 0.1)
+        self.down = nn.Parameter(torch.randn(experts, 32, 16) * 0.1)
+
+    def forward(self, x):
+        choice = self.router(x).argmax(-1)
+        order = choice.argsort()
+        counts = torch.bincount(choice, minlength=self.up.shape[0]).tolist()
+        hidden = [p @ w for p, w in zip(x[order].split(counts), self.up)]
+        out = torch.cat([h @ w for h, w in zip(torch.cat(hidden).split(counts), self.down)])
+        return torch.zeros_like(x).index_add(0, order, out)
+
+
+def test_counts_read_from_data_split_the_tokens_by_the_policy():
+    if not symbolic_bincount():
+        pytest.skip("this PyTorch cannot size bincount symbolically")
+    r = memtrace.report(CountedExperts(), (64, 16), device="cpu", optimizer="sgd")
+    # by default the first expert takes all 64 tokens: the largest a piece can be
+    assert "split in the root module: output size 0 to 64 of at most 64 (8 calls) (upper bound)" in r.assumptions
+    given = memtrace.report(CountedExperts(), (64, 16), device="cpu", optimizer="sgd",
+                            data_dependent={":split": [16, 16, 16]})  # balanced: the last piece is what is left
+    assert "split in the root module: output size 16 of at most 64 (8 calls) (given)" in given.assumptions
+    with pytest.raises(memtrace.TraceError, match=r"sizes \[40, 40, 40\] over the 64 it splits"):
+        memtrace.report(CountedExperts(), (64, 16), device="cpu", data_dependent={":split": 40})
+
+
+def test_a_split_by_sizes_that_are_not_from_data_still_fails():
+    class BadSplit(nn.Module):
+        def forward(self, x):
+            return torch.cat(x.split([1, 1]))
+
+    with pytest.raises(memtrace.TraceError, match="split_with_sizes expects split_sizes to sum exactly"):
+        memtrace.report(BadSplit(), (4, 2), device="cpu", train=False)
