@@ -320,6 +320,10 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
     target = target_for(options.device, options.gpu, options.alloc_conf)
     tracker = StorageTracker(target, SizePolicy(options.data_dependent))
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    # FakeTensorMode memoises each fresh output with a weak reference, and torch.utils.swap_tensors, which
+    # Module.to() uses on fake parameters, refuses tensors that have one: a module converted inside
+    # forward (Switch Transformers' router) would fail
+    fake_mode.fake_tensor_converter.set_tensor_memo = lambda t, v: None
     phase_starts: list[tuple[Phase, int, int]] = []
     grad_records: dict[str, list[StorageRecord]] = {}
     state_records: dict[str, list[StorageRecord]] = {}

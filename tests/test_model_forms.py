@@ -192,3 +192,24 @@ def test_the_loss_fn_gets_the_nested_batch_as_given():
     memtrace.report(Detector(), inputs=(images, targets), device="cpu", loss_fn=loss_fn, steps=1)
     (batch,) = seen
     assert isinstance(batch, tuple) and isinstance(batch[0], list) and set(batch[1][0]) == {"boxes"}
+
+
+class CastsItsRouter(nn.Module):
+    """Converts a submodule inside forward, as Switch Transformers' router does
+    (``self.classifier = self.classifier.to(self.dtype)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(16, 4)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        self.classifier = self.classifier.to(torch.float32)
+        return self.proj(x) * self.classifier(x.float()).softmax(-1).sum(-1, keepdim=True).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_module_converted_inside_forward(dtype):
+    model = CastsItsRouter().to(dtype)
+    r = memtrace.report(model, (4, 16), device="cpu", optimizer="sgd")
+    assert r.peak_bytes > 0 and next(model.classifier.parameters()).dtype == dtype  # the user's, unconverted
