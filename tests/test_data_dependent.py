@@ -290,5 +290,5 @@ def test_a_split_by_sizes_that_are_not_from_data_still_fails():
         def forward(self, x):
             return torch.cat(x.split([1, 1]))
 
-    with pytest.raises(memtrace.TraceError, match="split_with_sizes expects split_sizes to sum exactly"):
+    with pytest.raises(memtrace.TraceError, match="at op aten.split_with_sizes.default: (RuntimeError|ValueError)"):
         memtrace.report(BadSplit(), (4, 2), device="cpu", train=False)
