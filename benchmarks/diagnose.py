@@ -30,7 +30,7 @@ from tabulate import tabulate
 
 import memtrace
 from memtrace.options import parse_options
-from memtrace.step import build_optimizer, make_inputs, run_steps
+from memtrace.step import build_optimizer, run_steps
 from models import select
 
 
@@ -95,7 +95,7 @@ def profile_real(model, kwargs) -> list[dict]:
         real = copy.deepcopy(model)
         real.train(True)
         optimizer = build_optimizer(options, list(real.parameters()))
-        run_steps(real, options, lambda: make_inputs(options.inputs, _real_input), optimizer, None, "cpu")
+        run_steps(real, options, lambda: options.inputs.build(_real_input), optimizer, None, "cpu")
         del real, optimizer
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     events = []

@@ -37,7 +37,7 @@ from tabulate import tabulate
 
 import memtrace
 from memtrace.options import Phase, parse_options
-from memtrace.step import make_inputs, run_steps
+from memtrace.step import run_steps
 from models import Case, _tokens, llama_7b, select
 
 STEPS = 2
@@ -72,7 +72,7 @@ def time_bare_meta(case: Case, repeat: int, factory=None) -> float:
 
     def run():
         opt = torch.optim.Adam(model.parameters(), foreach=True)
-        inputs = lambda: make_inputs(options.inputs, lambda s: torch.empty(s.shape, dtype=s.dtype, device="meta"))
+        inputs = lambda: options.inputs.build(lambda s: torch.empty(s.shape, dtype=s.dtype, device="meta"))
         run_steps(model, options, inputs, opt, None, "cpu")
 
     t, _ = best_of(run, repeat)
@@ -108,7 +108,7 @@ def time_bare_fake(case: Case, repeat: int) -> float:
     def run():
         with fake_mode:
             opt = torch.optim.Adam(model.parameters(), foreach=True)
-            inputs = lambda: make_inputs(options.inputs, lambda s: torch.empty(s.shape, dtype=s.dtype))
+            inputs = lambda: options.inputs.build(lambda s: torch.empty(s.shape, dtype=s.dtype))
             run_steps(model, options, inputs, opt, None, "cpu")
             model.zero_grad(set_to_none=True)
 
@@ -132,7 +132,7 @@ def time_memtracker(case: Case, repeat: int) -> tuple[float, int]:
                     if phase is Phase.FORWARD and it > 0:
                         mt.reset_mod_stats()  # per-module snapshots are per iteration
 
-                inputs = lambda: make_inputs(options.inputs, lambda s: torch.empty(s.shape, dtype=s.dtype))
+                inputs = lambda: options.inputs.build(lambda s: torch.empty(s.shape, dtype=s.dtype))
                 run_steps(model, options, inputs, opt, None, "cpu", on_phase)
             peak = mt.get_tracker_snapshot("peak")
             model.zero_grad(set_to_none=True)
