@@ -1,7 +1,8 @@
 """Data-dependent sizes: models whose memory depends on tensor values, predicted under the default policy
 and at the sizes a real run produced, against the CPU profiler's peak of the same step.
 
-Detectors size their region proposals and anchor matches by values (``nonzero``, NMS), and a
+Detectors size their region proposals, anchor matches and (Mask R-CNN) the proposals their mask head
+trains on by values (``nonzero``, NMS), and a
 value-routed mixture-of-experts layer gathers each expert's tokens by the router's choice. For each case:
 - ``measure(..., device="cpu", record_data_dependent=True)`` runs the real step under the profiler and
   records every data-dependent size it produced;
@@ -52,6 +53,19 @@ def retinanet():
     return model, {"inputs": _images_and_targets(2, 320, 4)}
 
 
+def mask_rcnn():
+    import torchvision
+
+    model = torchvision.models.get_model("maskrcnn_resnet50_fpn", weights=None, weights_backbone=None,
+                                         min_size=320, max_size=320)
+    images, targets = _images_and_targets(2, 320, 4)
+    for t in targets:
+        t["masks"] = torch.zeros(len(t["boxes"]), 320, 320, dtype=torch.uint8)
+        for k, (x0, y0, x1, y1) in enumerate(t["boxes"].long().tolist()):
+            t["masks"][k, y0:y1, x0:x1] = 1
+    return model, {"inputs": (images, targets)}
+
+
 def moe_layer():
     """Mixtral's sparse mixture-of-experts block with the eager experts, which pick each expert's tokens by
     value (8 experts, top 2, hidden 256, 1024 tokens)."""
@@ -66,7 +80,8 @@ def moe_layer():
                                                                              else out).float().pow(2).mean()}
 
 
-CASES = {"fasterrcnn_mobilenet_v3_320": faster_rcnn, "retinanet_resnet50_fpn_320": retinanet, "mixtral_moe_eager": moe_layer}
+CASES = {"fasterrcnn_mobilenet_v3_320": faster_rcnn, "retinanet_resnet50_fpn_320": retinanet,
+         "maskrcnn_resnet50_fpn_320": mask_rcnn, "mixtral_moe_eager": moe_layer}
 
 
 def run_case(name: str, build) -> dict:

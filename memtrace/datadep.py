@@ -39,6 +39,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .values import BOUNDS, KnownValues
+
+aten = torch.ops.aten
+
 UPPER = "upper"
 ITEM = "item"  # the op name of a value read from tensor data
 ASSERTED = "asserted"  # how a value read by an assert statement is chosen: the assertion holds
@@ -323,7 +327,7 @@ def _symbolic_outputs(func, args, kwargs):
 
 
 def run_with_sizes(func, args, kwargs, choose: Callable[[int | None], int], cache: dict | None = None,
-                   values: ValueRanges | None = None):
+                   values: KnownValues | None = None):
     """``func``'s outputs on the tracer's fake tensors, with every size that depends on values replaced by
     ``choose(its upper bound)``: the fake kernel's bound, or a tighter one from the input's value range.
     ``cache`` keeps each signature's symbolic run, which is the slow part: a loop over data-dependent sizes
@@ -335,8 +339,8 @@ def run_with_sizes(func, args, kwargs, choose: Callable[[int | None], int], cach
         flat, spec, bounds = _symbolic_outputs(func, args, kwargs)
         if key is not None:
             cache[key] = flat, spec, bounds
-    bound_of = _BOUNDS.get(func.name() if hasattr(func, "name") else "")
-    tighter = bound_of(*args, **kwargs, values=values or ValueRanges()) if bound_of is not None else None
+    bound_of = BOUNDS.get(func.name() if hasattr(func, "name") else "")
+    tighter = bound_of(*args, **kwargs, values=values or KnownValues()) if bound_of is not None else None
     sizes = {sym: choose(bound if tighter is None else tighter if bound is None else min(bound, tighter))
              for sym, bound in bounds}
     device = next((a.device for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)), "cpu")
@@ -361,7 +365,7 @@ class DataDependence:
 
     def __init__(self, sizes: SizePolicy):
         self.sizes = sizes
-        self.values = ValueRanges()
+        self.values = KnownValues()
         self._symbolic_runs: dict = {}  # data-dependent ops' symbolic outputs, by signature
         self.assumed_counts = 0  # integer values assumed 0 and not yet taken up by a split (see split)
         self._splits: dict[tuple[int, int], list[int]] = {}  # (pieces, size split) -> the last sizes chosen
@@ -441,166 +445,6 @@ class DataDependence:
         return func(x, chosen, dim)
 
 
-# ---- the values of integer tensors, where the trace can know their range ---------------------------------
-# Fake tensors have no values, but the range of an integer tensor often follows from how it was made: a
-# ``full`` of one level id, an ``arange``, the indices ``topk`` returns, and the ops that only move such
-# values around (views, indexing, concatenation). That range bounds the size of ``unique`` and ``bincount``
-# far below the element count: torchvision's region proposals run one NMS per distinct feature level.
-aten = torch.ops.aten
-
-_MOVES_VALUES = {p for p in (  # every output value is one of the inputs' values
-    aten.view, aten._unsafe_view, aten.reshape, aten.expand, aten.permute, aten.transpose, aten.t, aten.select,
-    aten.slice, aten.squeeze, aten.unsqueeze, aten.alias, aten.detach, aten.clone, aten.contiguous, aten.index,
-    aten.index_select, aten.gather, aten.take, aten.masked_select, aten.flip, aten.roll, aten.repeat, aten.unbind,
-    aten.split, aten.split_with_sizes, aten.chunk, aten.narrow, aten.cat, aten.stack, aten.as_strided,
-    aten.lift_fresh_copy, aten.lift_fresh, aten._to_copy, aten.flatten, aten.unflatten, aten.expand_copy,
-    aten.view_copy, aten.permute_copy, aten.unbind_copy, aten.slice_copy, aten.select_copy, aten.amax, aten.amin,
-    aten.max, aten.min, aten.sort, aten.topk, aten.unique_consecutive, aten._unique2, aten.unique_dim,
-    aten.repeat_interleave, aten.where, aten.sub, aten.add, aten.mul, aten.full, aten.full_like, aten.new_full,
-    aten.zeros, aten.zeros_like, aten.new_zeros, aten.ones, aten.ones_like, aten.new_ones, aten.scalar_tensor,
-    aten.fill, aten.fill_, aten.arange, aten.randint, aten.randperm, aten.nonzero, aten.argmax, aten.argmin,
-    aten.argsort,
-) if p is not None}
-# ops returning (values, indices): the indices range over the reduced or sorted dim
-_WITH_INDICES = {aten.max, aten.min, aten.sort, aten.topk}
-_UNIQUE = {aten._unique2, aten.unique_dim, aten.unique_consecutive}
-
-
-_INTEGER_DTYPES = frozenset(d for d in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-                                        getattr(torch, "uint16", None), getattr(torch, "uint32", None),
-                                        getattr(torch, "uint64", None)) if d is not None)
-
-
-def _int_tensor(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype in _INTEGER_DTYPES
-
-
-class ValueRanges:
-    """The (lowest, highest) value of integer tensors made in the trace, where it is known."""
-
-    ATTR = "_memtrace_value_range"
-
-    def of(self, t) -> tuple[int, int] | None:
-        if isinstance(t, (int, bool)) and not isinstance(t, torch.Tensor):
-            return int(t), int(t)
-        return getattr(t, self.ATTR, None) if isinstance(t, torch.Tensor) else None
-
-    def _union(self, ranges) -> tuple[int, int] | None:
-        if not ranges or any(r is None for r in ranges):
-            return None
-        return min(r[0] for r in ranges), max(r[1] for r in ranges)
-
-    def after(self, func, args, kwargs, out) -> None:
-        """Give ``out`` the range its op implies, where the op is one that ``_MOVES_VALUES`` lists."""
-        # most outputs are floating point: nothing to know, found first since this runs after every op
-        if isinstance(out, torch.Tensor):
-            if out.dtype not in _INTEGER_DTYPES:
-                return
-            outs = (out,)
-        elif isinstance(out, (tuple, list)) and any(_int_tensor(t) for t in out):
-            outs = out
-        else:
-            return
-        packet = getattr(func, "overloadpacket", None)
-        if packet not in _MOVES_VALUES:
-            return
-        try:
-            rng = self._range(packet, func, args, kwargs)
-        except Exception:  # an argument of a form not foreseen: no range, which is always safe
-            return
-        a = args[0] if args else None
-        if packet in _WITH_INDICES and len(outs) == 2 and isinstance(a, torch.Tensor):
-            if packet is aten.topk:
-                dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
-            else:
-                dim = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim", -1)
-            self._set(outs[1], (0, max(a.shape[dim] - 1, 0) if a.dim() else 0))
-            outs = outs[:1]
-        elif packet in _UNIQUE and isinstance(a, torch.Tensor):  # (values, inverse indices, counts)
-            for t in outs[1:]:
-                self._set(t, (0, a.numel()))
-            outs = outs[:1]
-        for t in outs:
-            if rng is not None:
-                self._set(t, rng)
-
-    def _set(self, t, rng) -> None:
-        if _int_tensor(t):
-            setattr(t, self.ATTR, (int(rng[0]), int(rng[1])))
-
-    def _range(self, packet, func, args, kwargs):
-        a = args[0] if args else None
-        if packet in (aten.full, aten.new_full, aten.full_like, aten.fill, aten.fill_):
-            at = 2 if packet is aten.new_full else 1
-            v = args[at] if len(args) > at else kwargs.get("fill_value", kwargs.get("value"))
-            return self.of(v) if not isinstance(v, float) or v == int(v) else None
-        if packet in (aten.zeros, aten.zeros_like, aten.new_zeros):
-            return 0, 0
-        if packet in (aten.ones, aten.ones_like, aten.new_ones):
-            return 1, 1
-        if packet is aten.scalar_tensor:
-            return self.of(a) if isinstance(a, int) else None
-        if packet is aten.arange:
-            numbers = [x for x in args if isinstance(x, (int, float))]
-            start, end = (0, numbers[0]) if len(numbers) == 1 else (numbers[0], numbers[1])
-            step = numbers[2] if len(numbers) > 2 else 1
-            return (int(start), int(math.ceil(end)) - 1) if step > 0 else (int(math.floor(end)) + 1, int(start))
-        if packet is aten.randint:
-            low, high = (0, args[0]) if len(args) < 2 or not isinstance(args[1], int) else (args[0], args[1])
-            return low, high - 1
-        if packet is aten.randperm:
-            return 0, a - 1
-        if packet is aten.nonzero:  # an index into every dim
-            return 0, max(max(a.shape, default=1) - 1, 0)
-        if packet in (aten.argmax, aten.argmin, aten.argsort):
-            dim = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim")
-            size = a.numel() if dim is None and packet is not aten.argsort else a.shape[-1 if dim is None else dim]
-            return 0, max(size - 1, 0)
-        if packet is aten.repeat_interleave and func._overloadname == "Tensor":  # indices of the repeats
-            return 0, max(a.numel() - 1, 0)
-        if packet in (aten.max, aten.min) and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            return self._union([self.of(a), self.of(args[1])])  # elementwise with another tensor
-        if packet is aten.where:
-            return self._union([self.of(x) for x in args[1:3]]) if len(args) == 3 else None
-        if packet in (aten.add, aten.sub, aten.mul):
-            x, y = self.of(a), self.of(args[1]) if len(args) > 1 else None
-            alpha = kwargs.get("alpha", 1)
-            if x is None or y is None or not isinstance(alpha, int):
-                return None
-            if packet is aten.mul:
-                products = [i * j for i in x for j in y]
-                return min(products), max(products)
-            y = (y[0] * alpha, y[1] * alpha) if alpha >= 0 else (y[1] * alpha, y[0] * alpha)
-            return (x[0] + y[0], x[1] + y[1]) if packet is aten.add else (x[0] - y[1], x[1] - y[0])
-        if packet in (aten.cat, aten.stack):
-            return self._union([self.of(t) for t in a])
-        return self.of(a)
-
-
-def _unique_bound(self_, *args, values: ValueRanges, **kwargs) -> int | None:
-    rng = values.of(self_)
-    return None if rng is None else rng[1] - rng[0] + 1
-
-
-def _bincount_bound(self_, weights=None, minlength=0, *, values: ValueRanges) -> int | None:
-    rng = values.of(self_)
-    return None if rng is None or rng[0] < 0 else max(rng[1] + 1, minlength)
-
-
-def _repeat_interleave_bound(repeats, *args, values: ValueRanges, **kwargs) -> int | None:
-    rng = values.of(repeats)
-    return None if rng is None else max(rng[1], 0) * repeats.numel()
-
-
-# Bounds the fake kernels do not give (or give looser): by the op's name, from its arguments.
-_BOUNDS = {
-    "torchvision::nms": lambda dets, scores, iou_threshold, values: dets.shape[0],  # a subset of the boxes
-    "aten::_unique2": _unique_bound, "aten::unique_dim": _unique_bound, "aten::unique_consecutive": _unique_bound,
-    "aten::_unique": _unique_bound, "aten::bincount": _bincount_bound,
-    "aten::repeat_interleave": _repeat_interleave_bound,
-}
-
-
 # ---- the sizes a real run produces ------------------------------------------------------------------------
 class SizeRecorder(TorchDispatchMode):
     """On a real run, records the size of every data-dependent op, keyed as ``data_dependent=`` takes them
@@ -656,7 +500,9 @@ class SizeRecorder(TorchDispatchMode):
 
 def _sizes_by_values(func, args) -> bool:
     """Whether the tracer, on fake tensors, has to choose a size for this op."""
-    if torch.Tag.dynamic_output_shape in getattr(func, "tags", ()) or (func.name() if hasattr(func, "name") else "") in _BOUNDS:
+    if torch.Tag.dynamic_output_shape in getattr(func, "tags", ()):
+        return True
+    if getattr(func, "namespace", "aten") != "aten" and func.name() in BOUNDS:  # torchvision's nms
         return True
     if func is aten.index.Tensor:  # a boolean mask selects a number of elements that depends on it
         return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])

@@ -402,8 +402,23 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
         phase_starts=phase_starts, modules=infos, param_records=param_records, grad_records=grad_records,
         state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()},
         assumptions=tracker.assumptions, op_count=tracker.op_count, flops=flops.counts,
-        notes=tuple(about + tracker.notes),
+        notes=tuple(about + tracker.notes + _upper_bound_note(tracker.assumptions)),
     )
+
+
+def _upper_bound_note(choices) -> list[str]:
+    """Sizes taken at their upper bound can put the prediction far above a real run: say so, and how to
+    give the real ones."""
+    upper = [c for c in choices if c.how == "upper bound"]
+    if not upper:
+        return []
+    ops = ", ".join(dict.fromkeys(c.op for c in upper))
+    modules = len({c.module for c in upper})
+    return [f"Sizes that depend on tensor values ({ops}; in {modules} module{'s' if modules > 1 else ''}, listed "
+            "under Assumptions) are taken at the largest the ops allow: the prediction is an upper bound for those "
+            "ops and can be far above a real run (a Mask R-CNN's was 4.5 times its measured peak). "
+            "memtrace.measure(..., device='cpu', record_data_dependent=True) records a real run's sizes, for "
+            "report(..., data_dependent=...)."]
 
 
 def _mark_optimizer_states(tracker: StorageTracker, target: Target, optimizer: torch.optim.Optimizer):

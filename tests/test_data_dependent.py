@@ -136,9 +136,9 @@ def test_indices_bound_bincount():
 
 
 def test_value_ranges_follow_only_ops_that_keep_values():
-    from memtrace.datadep import ValueRanges
+    from memtrace.values import KnownValues
 
-    values = ValueRanges()
+    values = KnownValues()
     with torch._subclasses.FakeTensorMode():
         levels = torch.full((4,), 3)
         values.after(torch.ops.aten.full.default, ((4,), 3), {}, levels)
@@ -292,3 +292,40 @@ def test_a_split_by_sizes_that_are_not_from_data_still_fails():
 
     with pytest.raises(memtrace.TraceError, match="at op aten.split_with_sizes.default: (RuntimeError|ValueError)"):
         memtrace.report(BadSplit(), (4, 2), device="cpu", train=False)
+
+
+class Sampler(nn.Module):
+    """Picks 16 positives and 48 negatives of 1,000 candidates into masks, as torchvision's balanced
+    sampler does, and keeps the union: at most 64 places, whatever the values."""
+
+    def forward(self, x):
+        positive = torch.zeros(1000, dtype=torch.uint8)
+        negative = torch.zeros(1000, dtype=torch.uint8)
+        positive[torch.randperm(1000)[:16]] = 1
+        negative[torch.randperm(1000)[:48]] = 1
+        keep = torch.where(positive | negative)[0]
+        return x[:, None] * keep.float()
+
+
+def test_mask_counts_bound_nonzero():
+    r = memtrace.report(Sampler(), (2,), device="cpu", train=False, steps=1)
+    assert r.assumptions == ("nonzero in the root module: output size 64 of at most 64 (upper bound)",)
+
+
+class CountsThenUnique(nn.Module):
+    """Writes into a tensor of zeros in a way not followed: what was known of it is forgotten."""
+
+    def forward(self, x):
+        counts = torch.zeros(8, dtype=torch.long)
+        view = counts.view(2, 4)
+        view.index_add_(1, torch.tensor([0, 1]), torch.ones(2, 2, dtype=torch.long))  # through a view
+        mask = torch.zeros(8, dtype=torch.bool)
+        mask.view(2, 4)[0] = True  # a fill through a view
+        return x * counts.unique().numel() * mask.nonzero().numel()
+
+
+def test_writes_not_followed_leave_nothing_known():
+    r = memtrace.report(CountsThenUnique(), (2,), device="cpu", train=False, steps=1)
+    # unique of counts is not bounded by the zeros it started as, nor nonzero of the mask by its zero count
+    assert r.assumptions == ("unique in the root module: output size 8 of at most 8 (upper bound)",
+                             "nonzero in the root module: output size 8 of at most 8 (upper bound)")
