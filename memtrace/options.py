@@ -108,12 +108,6 @@ class Inputs:
         batch = kwargs if self.form == "dict" else args[0] if self.form == "tensor" else tuple(args)
         return args, kwargs, batch
 
-    def __iter__(self):  # the specs, as the flat tuple of earlier releases was iterated
-        return iter(self.specs)
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
 
 def _collect(node: Any, out: list) -> None:
     if isinstance(node, TensorSpec):
@@ -191,7 +185,7 @@ def model_dtypes(model: torch.nn.Module, convert_to: torch.dtype | None) -> Held
             continue
         dt = convert_to or p.dtype
         first = first or dt
-        sizes[dt] = sizes.get(dt, 0) + p.numel() * p.element_size()
+        sizes[dt] = sizes.get(dt, 0) + p.numel() * torch.empty((), dtype=dt, device="meta").element_size()
         if p.requires_grad:
             trainable.add(dt)
     if first is None:
