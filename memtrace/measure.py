@@ -78,10 +78,11 @@ def measure(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
     no memory, state or RNG change behind.
 
     ``record_data_dependent=True`` also records the size of every op sized by tensor values (``nonzero``,
-    boolean masks, NMS, ...), as ``Measurement.data_dependent``: give
-    it to ``report(data_dependent=...)`` to predict at the sizes this run produced (a small CPU run of a
-    detector's batch, say, for a prediction of the same batch on a GPU). It runs the step under a dispatch
-    mode, which is off by default so that the measured run is exactly the plain one."""
+    boolean masks, NMS, ...), as ``Measurement.data_dependent``: give it to ``report(data_dependent=...)``
+    to predict at the sizes this run produced (a small CPU run of a detector's batch, say, for a prediction
+    of the same batch on a GPU). It runs the step under a dispatch mode, which is off by default so that the
+    measured run is exactly the plain one. Real tensors given in ``inputs=`` are fed with their own values,
+    meta tensors with random ones."""
     device = kwargs.get("device", "cuda")
     device = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     if device == "cpu":
