@@ -14,7 +14,7 @@ import torch
 from .engine import TraceError
 from .gpus import GPU, GPUS
 from .options import Category, Phase, parse_options
-from .report import Allocation, LayerRow, Peak, PhaseSpan, Report, Timeline
+from .report import Allocation, LayerRow, Peak, PhaseSpan, RankPeak, Report, Timeline
 from .step import LossError
 from .measure import Measurement, measure
 from .units import format_bytes, parse_size
@@ -27,7 +27,7 @@ __all__ = [
     "report", "Report", "LayerRow", "Peak", "PhaseSpan", "Timeline", "Allocation", "Category", "Phase",
     "TraceError", "LossError", "format_bytes", "parse_size", "GPU", "GPUS", "measure", "Measurement",
     "max_batch_size", "MaxBatch", "MemoryLimit", "memory_limit", "fits", "FitTable", "compare", "Comparison",
-    "levers", "Levers", "plan_epoch", "EpochPlan",
+    "levers", "Levers", "plan_epoch", "EpochPlan", "RankPeak",
 ]
 __version__ = "0.1.0"
 
@@ -51,6 +51,8 @@ def report(
     checkpoint: Any = None,
     alloc_conf: str | None = None,
     data_dependent: Any = None,
+    parallel: Any = None,
+    world_size: int | None = None,
 ) -> Report:
     """Predict the peak allocated memory of ``steps`` training iterations of ``model``.
 
@@ -100,8 +102,12 @@ def report(
         eager, input_shape=input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
         amp=amp, dtype=dtype, loss_fn=loss_fn, device=device, steps=steps, accumulation_steps=accumulation_steps,
         train=train, gpu=gpu, checkpoint=checkpoint, alloc_conf=alloc_conf, data_dependent=data_dependent,
+        parallel=parallel, world_size=world_size,
     )
-    result = build_report(eager, options, trace(model, options))
+    if options.parallel is None:
+        result = build_report(eager, options, trace(model, options))
+    else:
+        result = _parallel_report(model, eager, options)
     if verify:
         from dataclasses import replace
 
@@ -112,3 +118,34 @@ def report(
             dtype=dtype, loss_fn=loss_fn, device=options.device, steps=steps, accumulation_steps=accumulation_steps,
             train=train))
     return result
+
+
+def _parallel_report(model: torch.nn.Module, eager: torch.nn.Module, options) -> Report:
+    """One trace per group of ranks that hold different shards; the report of the rank with the largest peak,
+    listing every group."""
+    from dataclasses import replace
+
+    from .engine import trace
+    from .parallel import describe_ranks, rank_groups
+    from .report import build_report
+
+    spec = options.parallel
+    groups = rank_groups(eager, spec)
+    reports = [build_report(eager, options, trace(model, options, rank=g[0])) for g in groups]
+    ranks = tuple(RankPeak(tuple(g), r.peak_bytes) for g, r in zip(groups, reports))
+    top = max(range(len(groups)), key=lambda i: (reports[i].peak_bytes, -i))
+    about = (f"Rank {groups[top][0]} of {spec.world_size} ({spec.describe()}), traced with PyTorch's own "
+             f"{'plan code' if spec.plan is not None else 'FSDP2 (fully_shard)'} on a fake process group: "
+             "collectives complete at once and move no data.")
+    if len(groups) > 1:
+        about += (f" Ranks hold different shards (uneven dimensions); the rank with the largest peak is shown. "
+                  f"Ranks {describe_ranks(groups)} each hold the same memory.")
+    if spec.plan is None:
+        units = len(spec.units)
+        about += (f" fully_shard wraps {units} module{'s' if units != 1 else ''}"
+                  + (f" ({spec.units[0]!r}{', ...' if units > 1 else ''})" if units else "") + " and the root.")
+    if options.device == "cuda":
+        about += (" NCCL's own buffers are not counted (max_memory_allocated does not see them); the reserved "
+                  "estimate does not model the separate pools of FSDP's all-gather and reduce-scatter streams.")
+    return replace(reports[top], parallel=spec.describe(), world_size=spec.world_size, rank=groups[top][0],
+                   ranks=ranks, notes=(about,) + reports[top].notes)

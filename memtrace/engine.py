@@ -265,11 +265,19 @@ def _about_the_model(model: torch.nn.Module, options: Options) -> list[str]:
     return notes
 
 
+def _type_name(module: torch.nn.Module) -> str:
+    """The module's class name; for a module ``fully_shard`` wrapped (class FSDP<name>), the class it wraps."""
+    cls = type(module)
+    if cls.__name__.startswith("FSDP") and len(cls.__bases__) == 2 and cls.__bases__[0].__name__ == "FSDPModule":
+        return cls.__bases__[1].__name__
+    return cls.__name__
+
+
 def _module_infos(model: torch.nn.Module) -> list[ModuleInfo]:
     infos = []
     seen: set[int] = set()
     for name, module in model.named_modules():
-        info = ModuleInfo(name, type(module).__name__, 0 if not name else name.count(".") + 1)
+        info = ModuleInfo(name, _type_name(module), 0 if not name else name.count(".") + 1)
         for p in module._parameters.values():
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
@@ -309,16 +317,33 @@ def _install_hooks(model, infos, tracker) -> list:
                 _info.output_shape = _shape_of(out)
             tracker.exit_module()
 
-        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_pre_hook(pre, prepend=True))  # before FSDP's all-gather
         handles.append(module.register_forward_hook(post))
     return handles
 
 
-def trace(model: torch.nn.Module, options: Options) -> Trace:
+def trace(model: torch.nn.Module, options: Options, rank: int = 0) -> Trace:
+    """The step of ``model`` on fake tensors; with ``options.parallel``, as rank ``rank`` runs it."""
+    if options.parallel is None:
+        return _trace(model, options, None)
+    from . import parallel
+
+    spec = options.parallel
+    with parallel.fake_world(spec.world_size, rank):
+        return _trace(model, options, parallel.device_mesh(spec))
+
+
+def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
     about = _about_the_model(model, options)
     model = eager_module(model)
     target = target_for(options.device, options.gpu, options.alloc_conf)
     tracker = StorageTracker(target, SizePolicy(options.data_dependent))
+    sharded = mesh is not None
+    if sharded:
+        from . import parallel
+
+        tracker.wrapper_types = parallel.wrapper_types()
+        tracker.dispatch_rules = {**tracker.dispatch_rules, **parallel.op_rules()}
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     # FakeTensorMode memoises each fresh output with a weak reference, and torch.utils.swap_tensors, which
     # Module.to() uses on fake parameters, refuses tensors that have one: a module converted inside
@@ -329,12 +354,30 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
     state_records: dict[str, list[StorageRecord]] = {}
     flops = tracker.flops = FlopCounter()
 
-    with preserved_rng(), _quiet_fake_tensor_log(), fake_mode, tracker, _innermost_saved_tensors_hooks() as hooks:
+    resizes = parallel.traced(tracker) if sharded else contextlib.nullcontext()
+    with preserved_rng(), _quiet_fake_tensor_log(), fake_mode, tracker, _innermost_saved_tensors_hooks() as hooks, \
+            resizes:
         tracker.where = ModuleCall(Phase.SETUP, 0, None, "(setup)")
         phase_starts.append((Phase.SETUP, 0, 0))
+        if sharded:  # the whole model never exists on a rank: only its shards are accounted
+            tracker.recording = False
         fake_model = _fake_copy(model, options, tracker)
         fake_model.train(options.train)
         _checkpoint_modules(fake_model, options.checkpoint, tracker, target, hooks)
+        if sharded:
+            try:
+                fake_model = parallel.apply(fake_model, options.parallel, mesh)
+            except (TraceError, NotImplementedError):
+                raise
+            except Exception as exc:
+                raise TraceError(f"parallelizing {type(model).__name__} ({options.parallel.describe()}) failed: "
+                                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                                 ) from exc
+            tracker.recording = True
+            for p in fake_model.parameters():
+                tracker.adopt(p, Category.PARAMETER)
+            for b in fake_model.buffers():
+                tracker.adopt(b, Category.BUFFER)
         infos = _module_infos(fake_model)
         params = {name: p for name, p in fake_model.named_parameters()}
         owner = {}
@@ -367,8 +410,20 @@ def trace(model: torch.nn.Module, options: Options) -> Trace:
                 if rec not in recs:
                     recs.append(rec)
 
+        def mark_sharded_gradients():  # FSDP sets each sharded parameter's .grad after its reduce-scatter
+            for name, p in params.items():
+                if p.grad is not None:
+                    rec = tracker.record_of(p.grad)
+                    if rec is not None and rec.birth is None:
+                        rec.role = Category.GRADIENT
+                        recs = grad_records.setdefault(name, [])
+                        if rec not in recs:
+                            recs.append(rec)
+
         def on_phase(phase: Phase, it: int) -> None:
             mark_optimizer_state()
+            if sharded and phase in (Phase.OPTIMIZER, Phase.FORWARD):
+                mark_sharded_gradients()
             phase_starts.append((phase, it, len(tracker.events)))
             tracker.where = ModuleCall(phase, it, None, "(optimizer)" if phase is Phase.OPTIMIZER else "(loss)")
 

@@ -27,6 +27,7 @@ class Category(str, enum.Enum):
     TEMPORARY = "temporaries"
     INPUT = "inputs"
     WORKSPACE = "workspaces"
+    COMMUNICATION = "communication"  # FSDP's all-gather and reduce-scatter buffers, the unsharded parameters
 
 
 class Phase(str, enum.Enum):
@@ -151,6 +152,7 @@ class Options:
     checkpoint: tuple[str, ...] = ()  # modules whose forward runs under torch.utils.checkpoint
     alloc_conf: str | None = None  # the CUDA allocator settings (PYTORCH_CUDA_ALLOC_CONF syntax); None: the environment's
     data_dependent: Any = None  # how sizes and values that depend on tensor data are chosen (datadep.SizePolicy)
+    parallel: Any = None  # parallel.Parallel: how the model is sharded across ranks; None: one GPU
 
     @property
     def amp_name(self) -> str:
@@ -305,6 +307,8 @@ def parse_options(
     checkpoint: Any = None,
     alloc_conf: Any = None,
     data_dependent: Any = None,
+    parallel: Any = None,
+    world_size: Any = None,
 ) -> Options:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model is a {type(model).__name__}, expected a torch.nn.Module")
@@ -359,6 +363,11 @@ def parse_options(
     from .datadep import SizePolicy
 
     SizePolicy(data_dependent)  # checked here, so that a bad policy fails before anything is traced
+    from .parallel import parse_parallel
+
+    spec = parse_parallel(parallel, world_size, model)
+    if spec is not None and not train:
+        raise ValueError("parallel= predicts a training step; give train=True")
     return Options(
         inputs=specs,
         optimizer=opt_factory,
@@ -376,6 +385,7 @@ def parse_options(
         checkpoint=checkpointed,
         alloc_conf=alloc_conf,
         data_dependent=data_dependent,
+        parallel=spec,
     )
 
 

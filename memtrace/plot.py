@@ -17,12 +17,12 @@ from .units import format_bytes
 # Bottom to top: what lives through the whole step first, so the moving parts ride on a steady base.
 STACK_ORDER = (
     Category.PARAMETER, Category.BUFFER, Category.OPTIMIZER_STATE, Category.GRADIENT, Category.WORKSPACE,
-    Category.INPUT, Category.ACTIVATION, Category.TEMPORARY,
+    Category.COMMUNICATION, Category.INPUT, Category.ACTIVATION, Category.TEMPORARY,
 )
 COLORS = {
     Category.PARAMETER: "#4e79a7", Category.BUFFER: "#a0cbe8", Category.OPTIMIZER_STATE: "#f28e2b",
     Category.GRADIENT: "#59a14f", Category.WORKSPACE: "#bab0ac", Category.INPUT: "#b07aa1",
-    Category.ACTIVATION: "#e15759", Category.TEMPORARY: "#edc948",
+    Category.ACTIVATION: "#e15759", Category.TEMPORARY: "#edc948", Category.COMMUNICATION: "#76b7b2",
 }
 PHASE_COLORS = {Phase.SETUP: "#f2f2f2", Phase.FORWARD: "#dbe9f6", Phase.BACKWARD: "#fde3cf",
                 Phase.OPTIMIZER: "#e2f0d9"}

@@ -37,7 +37,7 @@ def layer_table(report, depth: int = 3, fmt: str = "simple") -> str:
 def category_table(report, fmt: str = "simple") -> str:
     peak = report.peak_bytes or 1
     rows = [[c.value.replace("_", " "), format_bytes(n), f"{100 * n / peak:.1f}%"]
-            for c, n in report.by_category.items() if n or c is not Category.WORKSPACE]
+            for c, n in report.by_category.items() if n or c not in (Category.WORKSPACE, Category.COMMUNICATION)]
     rows.append(["total", format_bytes(report.peak_bytes), "100.0%"])
     return tabulate(rows, headers=["At the peak", "Bytes", "Share"], tablefmt=fmt, disable_numparse=True,
                     colalign=("left", "right", "right"))

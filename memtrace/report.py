@@ -65,6 +65,14 @@ class Allocation:
 
 
 @dataclass(frozen=True)
+class RankPeak:
+    """The ranks of a parallel run that hold the same memory (the same shards), and their peak."""
+
+    ranks: tuple[int, ...]
+    peak_bytes: int
+
+
+@dataclass(frozen=True)
 class Timeline:
     """Allocated bytes after each allocation or free on the device, in the order they happened."""
 
@@ -95,6 +103,12 @@ class Report:
     # FLOPs of the first iteration per phase (matmuls, convolutions, attention; torch.utils.flop_counter's
     # formulas), counted in the same trace
     flops: Mapping[Phase, int] = field(default_factory=lambda: MappingProxyType({}))
+    # a parallel run (parallel=): how the model is parallelized, the rank this report is of (the one with
+    # the largest peak), and every group of ranks with the same memory
+    parallel: str | None = None
+    world_size: int = 1
+    rank: int = 0
+    ranks: tuple[RankPeak, ...] = ()
 
     @property
     def flops_per_iteration(self) -> int:
@@ -137,6 +151,9 @@ class Report:
             "assumptions": list(self.assumptions),
             "notes": list(self.notes),
             "flops": {p.value: n for p, n in self.flops.items()},
+            "parallel": None if self.parallel is None else {
+                "plan": self.parallel, "world_size": self.world_size, "rank": self.rank,
+                "ranks": [{"ranks": list(r.ranks), "peak_bytes": r.peak_bytes} for r in self.ranks]},
             "measured": None if self.measured is None else {**self.measured.to_dict(),
                                                             "error_percent": self.error_percent},
         }
@@ -298,13 +315,20 @@ def _assumptions(choices, options: Options) -> tuple[str, ...]:
 
 def _layer_rows(trace: Trace, charged: dict[int, int]) -> tuple[LayerRow, ...]:
     own: dict[str, list[int]] = {m.name: [0, 0, 0, 0, 0] for m in trace.modules}
+    counted: set[int] = set()  # FSDP keeps a unit's gradients as views of one reduce-scatter output: once
+
+    def once(recs) -> list:
+        fresh = [r for r in recs if r.index not in counted]
+        counted.update(r.index for r in fresh)
+        return fresh
+
     for pname, rec in trace.param_records.items():
         mod = trace.param_owner[pname]
         entry = own[mod]
-        entry[1] += charged.get(rec.index, 0)
-        grads = trace.grad_records.get(pname, [])
+        entry[1] += sum(charged.get(r.index, 0) for r in once([rec]))
+        grads = once(trace.grad_records.get(pname, []))
         entry[2] += max((charged.get(r.index, 0) for r in grads), default=0)
-        entry[3] += sum(charged.get(r.index, 0) for r in trace.state_records.get(pname, []) if not r.host)
+        entry[3] += sum(charged.get(r.index, 0) for r in once(trace.state_records.get(pname, [])) if not r.host)
     for m in trace.modules:
         own[m.name][0] = sum(p.numel() for p in m.params)
     outside: dict[str, int] = {}

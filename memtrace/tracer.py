@@ -17,6 +17,7 @@ Known limitations:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -80,6 +81,11 @@ class SavedTensorModifiedError(RuntimeError):
     step with the same message."""
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor, which holds its storage; any other tensor itself."""
+    return t._local_tensor if type(t).__name__ == "DTensor" else t
+
+
 def _dense(t: torch.Tensor) -> bool:
     """``is_non_overlapping_and_dense``: the strides, sorted, tile the elements without gaps."""
     expected = 1
@@ -117,11 +123,17 @@ class StorageTracker(TorchDispatchMode):
         self._watched: set[int] = set()  # sequence numbers of backward nodes given a post-hook
         self._persistent: set = set()
         self._accumulating = None  # sequence number of the node whose outputs the engine is summing
+        # tensor subclasses that wrap a local tensor (DTensor): their ops are left to the subclass, whose
+        # ops on the local tensors come back here, so only the local storages are accounted
+        self.wrapper_types: tuple[type, ...] = ()
+        self._hidden = False  # ops that are not the step's (a library's shape inference on fake tensors)
 
     # ---- ops -----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is _DEVICE:  # the autograd engine asks every tensor's device; nothing to account
+        if func is _DEVICE or self._hidden:  # the autograd engine asks every tensor's device; nothing to account
             return func(*args, **(kwargs or {}))
+        if self.wrapper_types and any(issubclass(t, self.wrapper_types) for t in types):
+            return NotImplemented
         kwargs = kwargs or {}
         self.last_op = func
         if self.where.phase is Phase.BACKWARD:
@@ -167,6 +179,48 @@ class StorageTracker(TorchDispatchMode):
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
+
+    @contextlib.contextmanager
+    def hidden(self):
+        """Ops run inside the block are not the step's: neither counted nor accounted."""
+        hidden, self._hidden = self._hidden, True
+        try:
+            yield
+        finally:
+            self._hidden = hidden
+
+    def adopt(self, t: torch.Tensor, category: Category) -> None:
+        """Accounts a tensor made while nothing was recorded (a parameter sharded on the fake copy) as if it
+        were allocated now, as ``category``."""
+        birth, self.where.birth = self.where.birth, category
+        try:
+            self._see(_local(t), "(setup)")
+        finally:
+            self.where.birth = birth
+
+    def storage_resized(self, st, before: int, after: int, role: Category | None = None) -> None:
+        """A storage resized in place (``UntypedStorage.resize_``): growth is a new allocation; resizing to
+        zero frees what it held, and a later growth is a new allocation again. ``role``: what the storage
+        holds, for every allocation it had."""
+        if not self.recording or before == after:
+            return
+        key = st._cdata
+        entry = self._live.get(key)
+        if entry is not None and entry[1] is None:
+            return
+        if after > before:
+            if entry is None:
+                self._live[key] = entry = (weakref.ref(st, self._freed_callback(key)), [])
+            self._alloc(entry[1], after - before, "resize_")
+            if role is not None:
+                for rec in entry[1]:
+                    rec.role = rec.role or role
+        elif entry is not None and after == 0:
+            for rec in entry[1]:
+                if role is not None and rec.birth is None:
+                    rec.role = rec.role or role
+                self._free(rec)
+            entry[1].clear()
 
     def in_host_memory(self, t: torch.Tensor) -> None:
         """Marks an op's output as one the device keeps in host memory (a CPU tensor a CUDA kernel
@@ -271,7 +325,7 @@ class StorageTracker(TorchDispatchMode):
 
     # ---- where we are ------------------------------------------------------------------------
     def record_of(self, t: torch.Tensor) -> StorageRecord | None:
-        entry = self._live.get(t.untyped_storage()._cdata)
+        entry = self._live.get(_local(t).untyped_storage()._cdata)
         return entry[1][0] if entry and entry[1] else None
 
     def current_module(self) -> str:

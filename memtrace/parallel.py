@@ -1,0 +1,376 @@
+"""Per-rank memory of sharded training: PyTorch's own FSDP2 code runs on the fake copy of the model.
+
+``parallel={"fsdp": 8}`` applies ``fully_shard`` to the fake copy's repeated blocks and its root, on a CPU
+device mesh over a fake process group (collectives complete at once and move no data), so the sharded
+parameters and their padding, the all-gather and reduce-scatter buffers, the mixed-precision copies and
+the optimizer's sharded state are what PyTorch itself allocates on one rank. The step is traced as that
+rank sees it; ranks whose shards differ (uneven dimensions, the rank holding the remainder) are traced
+too, and the largest is the headline.
+
+The process group exists only while a trace runs: when the user's process already has one, the state of
+``torch.distributed`` is kept aside and put back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .options import Category
+
+_KEYS = ("fsdp", "replicate", "tp", "ddp", "reshard_after_forward", "mp_policy", "units")
+MESH_DIMS = ("replicate", "fsdp")
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How the model is parallelized: the mesh and the FSDP2 settings, or the user's own plan."""
+
+    fsdp: int = 1
+    replicate: int = 1  # HSDP: replicas of the FSDP group, gradients all-reduced across them
+    reshard_after_forward: bool | int = True
+    mp_policy: Any = None  # FSDP2's MixedPrecisionPolicy
+    units: tuple[str, ...] = ()  # the modules fully_shard wraps before the root (their names)
+    plan: Callable | None = field(default=None, compare=False)  # the user's fn(model, mesh) -> model
+    world: int = 1  # world size of a user's plan
+
+    @property
+    def world_size(self) -> int:
+        return self.world if self.plan is not None else self.fsdp * self.replicate
+
+    @property
+    def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        if self.plan is not None:
+            return (self.world,), ("dp",)
+        if self.replicate > 1:
+            return (self.replicate, self.fsdp), MESH_DIMS
+        return (self.fsdp,), ("fsdp",)
+
+    def describe(self) -> str:
+        if self.plan is not None:
+            return f"{getattr(self.plan, '__name__', type(self.plan).__name__)} over {self.world} ranks"
+        text = f"HSDP {self.replicate} x FSDP {self.fsdp}" if self.replicate > 1 else f"FSDP {self.fsdp}"
+        extras = []
+        if self.reshard_after_forward is not True:
+            extras.append(f"reshard_after_forward={self.reshard_after_forward}")
+        if self.mp_policy is not None:
+            extras.append(_describe_mp(self.mp_policy))
+        return text + (f" ({', '.join(extras)})" if extras else "")
+
+
+def _describe_mp(policy) -> str:
+    parts = [f"{k}={str(getattr(policy, k)).removeprefix('torch.')}" for k in ("param_dtype", "reduce_dtype",
+                                                                               "output_dtype")
+             if getattr(policy, k, None) is not None]
+    return "mixed precision " + (", ".join(parts) if parts else "(defaults)")
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"parallel={{'{key}': {value!r}}}: {key} must be an int >= 1")
+    return value
+
+
+def _mp_policy(value: Any):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if value is None or isinstance(value, MixedPrecisionPolicy):
+        return value
+    if isinstance(value, Mapping):
+        from .options import _parse_dtype
+
+        known = {"param_dtype", "reduce_dtype", "output_dtype", "cast_forward_inputs"}
+        unknown = [k for k in value if k not in known]
+        if unknown:
+            raise ValueError(f"parallel= mp_policy has {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+        kw = {k: (_parse_dtype(f"mp_policy {k}", v) if k.endswith("dtype") and v is not None else v)
+              for k, v in value.items()}
+        return MixedPrecisionPolicy(**kw)
+    raise TypeError(f"parallel= mp_policy={value!r} must be a torch.distributed.fsdp.MixedPrecisionPolicy or a dict "
+                    "of its fields (param_dtype, reduce_dtype, output_dtype, cast_forward_inputs)")
+
+
+def _check_available() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("parallel= needs torch.distributed, which this PyTorch build does not have")
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401  (PyTorch >= 2.6)
+    except ImportError:
+        raise RuntimeError(f"parallel= traces FSDP2 on a CPU device mesh, which needs PyTorch 2.6 or later; this is "
+                           f"{torch.__version__}") from None
+
+
+def parse_parallel(parallel: Any, world_size: Any, model: torch.nn.Module) -> Parallel | None:
+    """``parallel=`` (a dict, or the user's fn(model, mesh)) and ``world_size=`` into a ``Parallel``."""
+    if parallel is None:
+        if world_size is not None:
+            raise ValueError(f"world_size={world_size!r} given without parallel=; it sizes the mesh of a parallel plan")
+        return None
+    if not any(True for _ in model.parameters()):
+        raise ValueError(f"parallel= given for {type(model).__name__}, which has no parameters to shard")
+    if callable(parallel) and not isinstance(parallel, Mapping):
+        _check_available()
+        if world_size is None:
+            raise ValueError("parallel= is a function of (model, mesh); give world_size= for its mesh")
+        return Parallel(plan=parallel, world=_positive_int("world_size", world_size))
+    if not isinstance(parallel, Mapping):
+        raise TypeError(f"parallel={parallel!r} must be a dict such as {{'fsdp': 8}} or a function (model, mesh) -> "
+                        "model")
+    unknown = [k for k in parallel if k not in _KEYS]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(str(unknown[0]), _KEYS, n=2)
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        raise ValueError(f"parallel= has {unknown[0]!r}{hint}; valid: {', '.join(_KEYS)}")
+    for key in ("tp", "ddp"):
+        if key in parallel and parallel[key] != 1:
+            raise NotImplementedError(f"parallel={{'{key}': ...}}: {'tensor parallel' if key == 'tp' else 'DDP'} is not "
+                                      "predicted yet; FSDP2 ('fsdp', with 'replicate' for HSDP) is")
+    _check_available()
+    fsdp = _positive_int("fsdp", parallel.get("fsdp", 1))
+    replicate = _positive_int("replicate", parallel.get("replicate", 1))
+    if fsdp * replicate == 1:
+        raise ValueError(f"parallel={dict(parallel)!r} describes one GPU; give 'fsdp' > 1 (or 'replicate' > 1)")
+    if world_size is not None and _positive_int("world_size", world_size) != fsdp * replicate:
+        raise ValueError(f"world_size={world_size} but parallel={dict(parallel)!r} spans {fsdp * replicate} ranks")
+    reshard = parallel.get("reshard_after_forward", True)
+    if isinstance(reshard, bool):
+        pass
+    elif isinstance(reshard, int) and 1 <= reshard and fsdp % reshard == 0:
+        pass
+    else:
+        raise ValueError(f"parallel= reshard_after_forward={reshard!r} must be True, False or an int that divides "
+                         f"fsdp={fsdp} (the size of the group parameters are resharded to after forward)")
+    units = parallel.get("units")
+    if units is None:
+        from .options import repeated_blocks
+
+        units = repeated_blocks(model)
+    else:
+        units = _parse_units(model, units)
+    return Parallel(fsdp=fsdp, replicate=replicate, reshard_after_forward=reshard,
+                    mp_policy=_mp_policy(parallel.get("mp_policy")), units=tuple(units))
+
+
+def _parse_units(model: torch.nn.Module, units: Any) -> tuple[str, ...]:
+    """Module names, or module class names (every module of that class), fully_shard wraps."""
+    names = [units] if isinstance(units, str) else units
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"parallel= units={units!r} must be a list of module names or module class names")
+    modules = dict(model.named_modules())
+    chosen: list[str] = []
+    for n in names:
+        if n in modules and n:
+            chosen.append(n)
+            continue
+        of_class = [name for name, m in modules.items() if type(m).__name__ == n and name]
+        if not of_class:
+            raise ValueError(f"parallel= units names {n!r}, which is neither a submodule of {type(model).__name__} nor "
+                             "the class of one (valid: dotted names from model.named_modules(), or class names)")
+        chosen += of_class
+    return tuple(dict.fromkeys(chosen))
+
+
+# ---- the fake world ----------------------------------------------------------------------------------
+_C10D_STATE = ("_pg_map", "_pg_names", "_pg_group_ranks", "_pg_backend_config", "_tags_to_pg", "_pg_to_tag")
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int, rank: int):
+    """A default process group of the fake backend (rank ``rank`` of ``world_size``) while the block runs.
+    A process group the user's process already has is kept aside and restored afterwards, names and all."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    saved = None
+    if dist.is_initialized():
+        world = c10d._world
+        saved = {name: dict(getattr(c10d, name)) for name in _C10D_STATE if isinstance(getattr(c10d, name, None), dict)}
+        saved["default_pg"] = world.default_pg
+        saved["group_count"] = world.group_count
+        world.default_pg = None
+    try:
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if saved is not None:
+            world = c10d._world
+            for name in _C10D_STATE:
+                if name in saved:
+                    getattr(c10d, name).update(saved[name])
+            world.default_pg = saved["default_pg"]
+            world.group_count = saved["group_count"]
+            for pg, name in saved.get("_pg_names", {}).items():
+                with contextlib.suppress(Exception):
+                    c10d._register_process_group(name, pg)
+
+
+def device_mesh(spec: Parallel):
+    """The CPU device mesh the fake copy is parallelized on (built outside fake mode: it holds real ranks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape, names = spec.mesh_shape
+    return init_device_mesh("cpu", shape, mesh_dim_names=names)
+
+
+# ---- applying the plan ---------------------------------------------------------------------------------
+def apply(model: torch.nn.Module, spec: Parallel, mesh) -> torch.nn.Module:
+    """Parallelize ``model`` (the fake copy) in place as the user's trainer would: their plan, or
+    ``fully_shard`` on each unit and then on the root."""
+    if spec.plan is not None:
+        out = spec.plan(model, mesh)
+        out = model if out is None else out
+        if not isinstance(out, torch.nn.Module):
+            raise TypeError(f"parallel= {spec.describe()} returned {type(out).__name__}, expected the model (or None)")
+        return out
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": spec.reshard_after_forward}
+    if spec.mp_policy is not None:
+        kwargs["mp_policy"] = spec.mp_policy
+    modules = dict(model.named_modules())
+    try:
+        for name in spec.units:
+            fully_shard(modules[name], **kwargs)
+        fully_shard(model, **kwargs)
+    except RuntimeError as exc:
+        if "requires CUDA" in str(exc):
+            raise RuntimeError(f"this PyTorch ({torch.__version__}) runs FSDP2 on CUDA only; parallel= traces it on a "
+                               "CPU device mesh, which needs a later PyTorch") from exc
+        raise
+    return model
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard; any other tensor itself."""
+    return getattr(t, "_local_tensor", t) if type(t).__name__ == "DTensor" else t
+
+
+def wrapper_types() -> tuple[type, ...]:
+    from torch.distributed.tensor import DTensor
+
+    return (DTensor,)
+
+
+# ---- what FSDP2's buffers are --------------------------------------------------------------------------
+def op_rules() -> dict:
+    """Dispatch rules that name FSDP2's buffers: the all-gather input and output are communication buffers;
+    the reduce-scatter input is one, and the unsharded gradients copied into it are gradients."""
+    rules = {}
+    ops = getattr(torch.ops, "fsdp", None)
+
+    def communication(tracker, func, args, kwargs):
+        out = func(*args, **kwargs)
+        tracker.record_outputs(out, func)
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                tracker.mark_role(t, Category.COMMUNICATION)
+        return out
+
+    def reduce_scatter_input(tracker, func, args, kwargs):
+        grads = args[0] if args else kwargs.get("tensors", ())
+        for g in grads:
+            if isinstance(g, torch.Tensor):
+                tracker.mark_role(g, Category.GRADIENT)
+        out = kwargs.get("out")
+        if isinstance(out, torch.Tensor):  # allocated before, by torch.empty
+            tracker.mark_role(out, Category.COMMUNICATION)
+        return communication(tracker, func, args, kwargs)
+
+    for name, rule in (("all_gather_copy_in", communication), ("chunk_cat", reduce_scatter_input)):
+        packet = getattr(ops, name, None) if ops is not None else None
+        if packet is not None:
+            for overload in packet.overloads():
+                rules[getattr(packet, overload)] = rule
+    return rules
+
+
+@contextlib.contextmanager
+def _patched(owner, name: str, make):
+    own = owner.__dict__.get(name)
+    setattr(owner, name, make(getattr(owner, name)))
+    try:
+        yield
+    finally:
+        if own is None:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, own)
+
+
+@contextlib.contextmanager
+def traced(tracker):
+    """What the tracker must be told, or must not see, while a parallelized step runs.
+
+    - FSDP2 gives each unsharded parameter its memory by resizing its storage (``alloc_storage``) and takes
+      it back by resizing it to zero (``free_storage``); neither is an op. The tracker is told of both: such
+      a storage holds gathered parameters, a communication buffer.
+    - DTensor derives each op's output shape by running the op on fake tensors of the global shape
+      (``ShardingPropagator._propagate_tensor_meta_non_cached``), under the fake mode it finds, which is the
+      trace's: those ops are not the rank's and are hidden from the tracker."""
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    def resize_wrapper(original):
+        def resize_(storage, size):
+            before = storage.nbytes()
+            result = original(storage, size)
+            tracker.storage_resized(storage, before, storage.nbytes(), Category.COMMUNICATION)
+            return result
+        return resize_
+
+    def hidden(original):
+        def propagate(self, *args, **kwargs):
+            with tracker.hidden():
+                return original(self, *args, **kwargs)
+        return propagate
+
+    with _patched(torch.UntypedStorage, "resize_", resize_wrapper), \
+            _patched(ShardingPropagator, "_propagate_tensor_meta_non_cached", hidden):
+        yield
+
+
+# ---- which ranks differ --------------------------------------------------------------------------------
+def rank_groups(model: torch.nn.Module, spec: Parallel) -> list[list[int]]:
+    """The ranks, grouped by the local sizes of every sharded parameter (ranks with the same sizes hold the
+    same memory), each group's first rank first; rank 0's group first."""
+    if spec.plan is not None:
+        return [list(range(spec.world_size))]
+    fsdp = spec.fsdp
+    dims = [p.shape[0] for p in model.parameters() if p.dim() > 0]
+    by_sizes: dict[tuple, list[int]] = {}
+    for shard in range(fsdp):
+        sizes = tuple(_chunk_rows(d, fsdp, shard) for d in dims)
+        by_sizes.setdefault(sizes, []).append(shard)
+    groups = []
+    for shards in by_sizes.values():  # every replica holds the same shard as its FSDP rank
+        groups.append(sorted(r * fsdp + s for r in range(spec.replicate) for s in shards))
+    return sorted(groups, key=lambda g: g[0])
+
+
+def _chunk_rows(rows: int, parts: int, index: int) -> int:
+    """Rows of ``torch.chunk(rows, parts)[index]`` (empty when the chunks run out), as FSDP2 shards dim 0."""
+    size = math.ceil(rows / parts)
+    return max(0, min(size, rows - index * size))
+
+
+def describe_ranks(groups: list[list[int]]) -> str:
+    def runs(ranks):
+        out, start = [], ranks[0]
+        for a, b in zip(ranks, ranks[1:] + [None]):
+            if b != a + 1:
+                out.append(f"{start}" if start == a else f"{start}-{a}")
+                if b is not None:
+                    start = b
+        return ", ".join(out)
+    return "; ".join(runs(g) for g in groups)

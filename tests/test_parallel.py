@@ -1,0 +1,217 @@
+"""Per-rank prediction of sharded training (``parallel=``): exact bytes of FSDP2's shards and buffers on
+tiny models, the ranks that differ, the user's state left as it was, and the refusals.
+
+Exact bytes, worked out by hand: FSDP2 shards dim 0 of every parameter into ``world`` chunks of
+ceil(rows / world) rows (``torch.chunk``) and pads each rank's chunk to that size, so every rank allocates
+the padded chunk. Each unit all-gathers its parameters into one flat buffer of world x (the unit's padded
+shard elements), then gives each parameter its own padded unsharded storage, and reduce-scatters the
+gradients through a flat buffer of the same size into a flat sharded-gradient buffer of the unit's shard
+size. benchmarks/distributed.py checks whole steps against real gloo runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import memtrace
+from memtrace import Category
+
+try:
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+    HAS_FSDP2 = torch.distributed.is_available()
+except ImportError:
+    HAS_FSDP2 = False
+
+needs_fsdp2 = pytest.mark.skipif(not HAS_FSDP2, reason="FSDP2 on a CPU mesh needs PyTorch 2.6 or later")
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(10, 33)  # weight 33 x 10, bias 33
+        self.l2 = nn.Linear(33, 7)  # weight 7 x 33, bias 7
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+def two(**kw):
+    torch.manual_seed(0)
+    return memtrace.report(Two(), (4, 10), device="cpu", optimizer="sgd", steps=1,
+                           parallel={"fsdp": 4, "units": ["l1", "l2"], **kw})
+
+
+def allocations(r, category, phase=None):
+    return [a for a in r.allocations if a.category is category and (phase is None or a.phase.value == phase)]
+
+
+@needs_fsdp2
+def test_sharded_parameters_are_padded_chunks():
+    r = two()
+    # 4 ranks: l1.weight 33 rows -> chunks of 9 rows x 10 = 360 B; l1.bias 9 x 4 = 36 B;
+    # l2.weight 7 rows -> chunks of 2 rows x 33 = 264 B; l2.bias 2 x 4 = 8 B. Rank 3 holds 6 rows and 1 row
+    # but its storage is padded to the same size.
+    assert sorted(a.requested_bytes for a in allocations(r, Category.PARAMETER)) == [8, 36, 264, 360]
+
+
+@needs_fsdp2
+def test_all_gather_and_reduce_scatter_buffers():
+    r = two()
+    comm = allocations(r, Category.COMMUNICATION, "forward")
+    sizes = sorted(a.requested_bytes for a in comm)
+    # l1: flat all-gather buffer 4 x (90 + 9) x 4 B = 1584; unsharded storages 36 x 10 x 4 = 1440, 36 x 4 = 144
+    # l2: 4 x (66 + 2) x 4 B = 1088; unsharded 8 x 33 x 4 = 1056, 8 x 4 = 32
+    assert sizes == [32, 144, 1056, 1088, 1440, 1584]
+    # backward: the reduce-scatter input of each unit is as large as its all-gather buffer, and its output,
+    # the unit's sharded gradients (l2: 68 x 4 B, l1: 99 x 4 B), is what the optimizer reads
+    grads = sorted(a.requested_bytes for a in allocations(r, Category.GRADIENT)
+                   if a.op == "aten.empty.memory_format")
+    assert grads == [272, 396]
+    rs_inputs = [a.requested_bytes for a in allocations(r, Category.COMMUNICATION, "backward")
+                 if a.module in ("l2", "(backward)") and a.op == "aten.empty.memory_format"]
+    assert 1088 in rs_inputs and 1584 in rs_inputs
+
+
+@needs_fsdp2
+def test_uneven_shards_list_the_ranks_that_differ():
+    r = two()
+    assert r.parallel == "FSDP 4" and r.world_size == 4
+    assert [rp.ranks for rp in r.ranks] == [(0, 1, 2), (3,)]
+    assert r.peak_bytes == max(rp.peak_bytes for rp in r.ranks)
+    assert r.rank in r.ranks[[rp.peak_bytes for rp in r.ranks].index(r.peak_bytes)].ranks
+    assert r.notes[0].startswith(f"Rank {r.rank} of 4 (FSDP 4)") and "Ranks 0-2; 3" in r.notes[0]
+    assert r.to_dict()["parallel"]["ranks"] == [{"ranks": [0, 1, 2], "peak_bytes": r.ranks[0].peak_bytes},
+                                                {"ranks": [3], "peak_bytes": r.ranks[1].peak_bytes}]
+
+
+@needs_fsdp2
+def test_even_shards_trace_one_rank():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    r = memtrace.report(model, (4, 16), device="cpu", parallel={"fsdp": 2, "replicate": 2})
+    assert [rp.ranks for rp in r.ranks] == [(0, 1, 2, 3)] and r.parallel == "HSDP 2 x FSDP 2"
+
+
+@needs_fsdp2
+def test_sharding_halves_the_parameters_and_optimizer_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    one = memtrace.report(model, (8, 64), device="cpu", optimizer="adam")
+    two_ranks = memtrace.report(model, (8, 64), device="cpu", optimizer="adam", parallel={"fsdp": 2})
+    params = sum(a.requested_bytes for a in allocations(one, Category.PARAMETER))
+    assert sum(a.requested_bytes for a in allocations(two_ranks, Category.PARAMETER)) == params // 2
+    state = [a for a in two_ranks.allocations if a.category is Category.OPTIMIZER_STATE and a.requested_bytes > 4]
+    # exp_avg and exp_avg_sq of each parameter's shard: 2 x (32 x 64 + 32) x 4 B per Linear
+    assert sum(a.requested_bytes for a in state) == 2 * 2 * (32 * 64 + 32) * 4
+
+
+@needs_fsdp2
+def test_mixed_precision_gathers_in_bf16():
+    r = two(mp_policy={"param_dtype": "bfloat16", "reduce_dtype": "float32"})
+    comm = sorted(a.requested_bytes for a in allocations(r, Category.COMMUNICATION, "forward"))
+    # test_all_gather_and_reduce_scatter_buffers' buffers in bf16, half the bytes: the parameters are cast
+    # into the all-gather buffer, and the float32 shards stay as they were
+    assert comm == [16, 72, 528, 544, 720, 792]
+    assert sorted(a.requested_bytes for a in allocations(r, Category.PARAMETER)) == [8, 36, 264, 360]
+    assert "mixed precision param_dtype=bfloat16" in r.parallel
+
+
+@needs_fsdp2
+def test_keeping_parameters_gathered_raises_the_peak():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+    resharded = memtrace.report(model, (2, 64), device="cpu", parallel={"fsdp": 4})
+    kept = memtrace.report(model, (2, 64), device="cpu", parallel={"fsdp": 4, "reshard_after_forward": False})
+    assert kept.peak_bytes > resharded.peak_bytes
+    assert kept.parallel == "FSDP 4 (reshard_after_forward=False)"
+
+
+@needs_fsdp2
+def test_the_users_own_plan():
+    from torch.distributed.fsdp import fully_shard
+
+    seen = []
+
+    def plan(model, mesh):
+        seen.append(mesh.size())
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    r = memtrace.report(model, (4, 16), device="cpu", parallel=plan, world_size=2)
+    assert seen == [2] and r.parallel == "plan over 2 ranks"
+    assert sum(a.requested_bytes for a in allocations(r, Category.PARAMETER)) == (16 * 32 + 32 + 32 * 16 + 16) * 2
+
+
+@needs_fsdp2
+def test_the_users_model_and_process_group_are_left_as_they_were(tmp_path):
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16))
+    before = [(type(p), p.shape, p.data_ptr()) for p in model.parameters()]
+    assert not dist.is_initialized()
+    memtrace.report(model, (4, 16), device="cpu", parallel={"fsdp": 2})
+    assert not dist.is_initialized()
+    assert [(type(p), p.shape, p.data_ptr()) for p in model.parameters()] == before
+    assert type(model) is nn.Sequential
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        group = dist.group.WORLD
+        memtrace.report(model, (4, 16), device="cpu", parallel={"fsdp": 2})
+        assert dist.is_initialized() and dist.group.WORLD is group and dist.get_world_size() == 1
+        t = torch.ones(3)
+        dist.all_reduce(t)  # the user's group still works
+        assert t.tolist() == [1.0, 1.0, 1.0]
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("parallel, kwargs, message", [
+    ({"fsdp": 4, "shards": 2}, {}, "parallel= has 'shards'"),
+    ({"fsdp": 0}, {}, "fsdp must be an int >= 1"),
+    ({"fsdp": 1}, {}, "describes one GPU"),
+    ({"fsdp": 4}, {"world_size": 8}, "world_size=8 but parallel="),
+    ({"fsdp": 4, "units": ["blocks.9"]}, {}, "units names 'blocks.9', which is neither a submodule"),
+    ({"fsdp": 4, "reshard_after_forward": 3}, {}, "must be True, False or an int that divides fsdp=4"),
+    ({"fsdp": 4, "mp_policy": {"param": "bf16"}}, {}, "mp_policy has 'param'"),
+])
+def test_bad_parallel_arguments_are_refused(parallel, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        memtrace.report(Two(), (4, 10), device="cpu", parallel=parallel, **kwargs)
+
+
+@needs_fsdp2
+def test_other_refusals():
+    with pytest.raises(ValueError, match="give world_size= for its mesh"):
+        memtrace.report(Two(), (4, 10), device="cpu", parallel=lambda m, mesh: m)
+    with pytest.raises(ValueError, match="world_size=2 given without parallel="):
+        memtrace.report(Two(), (4, 10), device="cpu", world_size=2)
+    with pytest.raises(ValueError, match="ReLU, which has no parameters to shard"):
+        memtrace.report(nn.ReLU(), (4, 10), device="cpu", parallel={"fsdp": 2})
+    with pytest.raises(NotImplementedError, match="tensor parallel is not predicted yet"):
+        memtrace.report(Two(), (4, 10), device="cpu", parallel={"fsdp": 2, "tp": 2})
+
+
+@pytest.mark.skipif(HAS_FSDP2, reason="this PyTorch has FSDP2 on a CPU mesh")
+def test_old_pytorch_says_what_it_needs():
+    with pytest.raises(RuntimeError, match="needs PyTorch 2.6 or later"):
+        memtrace.report(Two(), (4, 10), device="cpu", parallel={"fsdp": 2})
+
+
+@needs_fsdp2
+def test_cli_fsdp(capsys):
+    from memtrace.cli import main
+
+    assert main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--device", "cpu",
+                 "--fsdp", "2", "--mp-param-dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "Rank 0 of 2 (FSDP 2 (mixed precision param_dtype=bfloat16))" in out
+    assert "communication" in out
