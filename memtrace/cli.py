@@ -211,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--verify", action="store_true", help="also run the real step on this machine's GPU and show "
                                                           "the measured peak")
 
+    par = p.add_argument_group("sharded training (the report is one rank's; --input-shape/--batch-size are one "
+                               "rank's micro-batch)")
+    par.add_argument("--fsdp", type=_positive, metavar="N",
+                     help="FSDP2 (fully_shard) across N ranks: each repeated block, then the root")
+    par.add_argument("--replicate", type=_positive, metavar="R",
+                     help="HSDP: R replicas of the --fsdp group (R x N ranks)")
+    par.add_argument("--no-reshard-after-forward", action="store_true",
+                     help="keep each block's gathered parameters from forward to backward")
+    par.add_argument("--mp-param-dtype", type=_dtype, metavar="DTYPE",
+                     help="FSDP2 MixedPrecisionPolicy param_dtype (the dtype parameters are gathered in)")
+    par.add_argument("--mp-reduce-dtype", type=_dtype, metavar="DTYPE",
+                     help="MixedPrecisionPolicy reduce_dtype (the dtype gradients are reduced in)")
     ask = p.add_argument_group("questions (each adds a table; the limit is --budget, else --gpu's usable memory)")
     ask.add_argument("--max-batch", action="store_true",
                      help="the largest batch size that fits (the search starts at --batch-size)")
@@ -411,6 +423,9 @@ def _predict(args, built) -> int:
         options["accumulation_steps"] = args.accumulation_steps
     if args.alloc_conf is not None:
         options["alloc_conf"] = args.alloc_conf
+    parallel = _parallel(args)
+    if parallel is not None:
+        options["parallel"] = parallel
     if args.checkpoint is not None:
         options["checkpoint"] = "auto" if args.checkpoint == "auto" else [
             n.strip() for n in args.checkpoint.split(",") if n.strip()]
@@ -441,6 +456,25 @@ def _predict(args, built) -> int:
               f"{format_bytes(args.budget)} by {format_bytes(report.peak_bytes - args.budget)}", file=sys.stderr)
         return EXIT_OVER_BUDGET
     return EXIT_OK
+
+
+def _parallel(args) -> dict | None:
+    """``parallel=`` from the sharding flags, or None."""
+    if args.fsdp is None:
+        for flag, value in (("--replicate", args.replicate), ("--no-reshard-after-forward", args.no_reshard_after_forward),
+                            ("--mp-param-dtype", args.mp_param_dtype), ("--mp-reduce-dtype", args.mp_reduce_dtype)):
+            if value:
+                raise UsageError(f"{flag} goes with --fsdp N")
+        return None
+    parallel: dict[str, Any] = {"fsdp": args.fsdp}
+    if args.replicate:
+        parallel["replicate"] = args.replicate
+    if args.no_reshard_after_forward:
+        parallel["reshard_after_forward"] = False
+    mp = {k: v for k, v in (("param_dtype", args.mp_param_dtype), ("reduce_dtype", args.mp_reduce_dtype)) if v}
+    if mp:
+        parallel["mp_policy"] = mp
+    return parallel
 
 
 def _answers(args, model, inputs, options, report, gpu) -> dict[str, Any]:

@@ -191,6 +191,15 @@ def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any]
             out.append(("Adafactor (factored state)", {"optimizer": torch.optim.Adafactor}))
     if not s.get("checkpoint") and repeated_blocks(model):
         out.append(("activation checkpointing", {"checkpoint": "auto"}))
+    parallel = options.get("parallel")
+    if isinstance(parallel, Mapping) and parallel.get("fsdp", 1) > 1:
+        n = parallel["fsdp"]
+        out.append((f"shard wider (FSDP {n} → {2 * n} ranks)", {"parallel": {**parallel, "fsdp": 2 * n}}))
+        if parallel.get("reshard_after_forward") is False:
+            out.append(("reshard after forward", {"parallel": {**parallel, "reshard_after_forward": True}}))
+        if parallel.get("mp_policy") is None and s["dtype"] == "float32" and s["amp"] == "off":
+            out.append(("FSDP bf16 parameters (MixedPrecisionPolicy)", {"parallel": {
+                **parallel, "mp_policy": {"param_dtype": "bfloat16", "reduce_dtype": "float32"}}}))
     return out
 
 
@@ -244,9 +253,14 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
         add(label, overrides, report(model, **batched.at(batched.batch_size), **_apply(options, overrides)))
     if len(candidates) > 1 and not any(lv.fits for lv in found[1 if largest.fits else 0:]):
         together: dict[str, Any] = {}
+        used = []
         for label, overrides in candidates:
             if not ("amp" in together and "amp" in overrides) and not ("optimizer" in together and "optimizer" in overrides):
+                if "parallel" in together and "parallel" in overrides:  # the sharding levers combine
+                    overrides = {"parallel": {**together["parallel"], **{
+                        k: v for k, v in overrides["parallel"].items() if v != options["parallel"].get(k)}}}
                 together.update(overrides)
+                used.append(label)
         r = report(model, **batched.at(batched.batch_size), **_apply(options, together))
-        add(" + ".join(lbl for lbl, o in candidates if all(together.get(k) == v for k, v in o.items())), together, r)
+        add(" + ".join(used), together, r)
     return Levers(base, mem, tuple(found), largest)
