@@ -318,7 +318,8 @@ def traced(tracker):
       a storage holds gathered parameters, a communication buffer.
     - DTensor derives each op's output shape by running the op on fake tensors of the global shape
       (``ShardingPropagator._propagate_tensor_meta_non_cached``), under the fake mode it finds, which is the
-      trace's: those ops are not the rank's and are hidden from the tracker."""
+      trace's: those ops are not the rank's and are hidden from the tracker.
+    - DTensor must take its eager paths, as in the real step (``_eager_collectives``)."""
     from torch.distributed.tensor._sharding_prop import ShardingPropagator
 
     def resize_wrapper(original):
@@ -336,8 +337,33 @@ def traced(tracker):
         return propagate
 
     with _patched(torch.UntypedStorage, "resize_", resize_wrapper), \
-            _patched(ShardingPropagator, "_propagate_tensor_meta_non_cached", hidden):
+            _patched(ShardingPropagator, "_propagate_tensor_meta_non_cached", hidden), _eager_collectives():
         yield
+
+
+@contextlib.contextmanager
+def _eager_collectives():
+    """DTensor and the functional collectives take their compile-time paths whenever a fake mode is on
+    (``_are_we_tracing``): different padding, waits and uncached sharding propagation. The step traced is
+    an eager one, so they are told it is not being compiled, in every module that imported the check."""
+    import sys
+
+    from torch.distributed import _functional_collectives as fc
+
+    original = fc._are_we_tracing
+
+    def not_tracing() -> bool:
+        return False
+
+    owners = [m for name, m in list(sys.modules.items())
+              if name.startswith("torch.distributed") and getattr(m, "_are_we_tracing", None) is original]
+    for m in owners:
+        m._are_we_tracing = not_tracing
+    try:
+        yield
+    finally:
+        for m in owners:
+            m._are_we_tracing = original
 
 
 # ---- which ranks differ --------------------------------------------------------------------------------
