@@ -302,7 +302,9 @@ def _shape_of(out) -> tuple | None:
     return None
 
 
-def _install_hooks(model, infos, tracker) -> list:
+def _install_hooks(model, infos, tracker, first: bool = False) -> list:
+    """Forward hooks that tell the tracker which module runs; ``first``: before the module's other
+    pre-hooks (FSDP's all-gather belongs to the module it gathers for)."""
     handles = []
     info_of = {i.name: i for i in infos}
     for name, module in model.named_modules():
@@ -317,7 +319,7 @@ def _install_hooks(model, infos, tracker) -> list:
                 _info.output_shape = _shape_of(out)
             tracker.exit_module()
 
-        handles.append(module.register_forward_pre_hook(pre, prepend=True))  # before FSDP's all-gather
+        handles.append(module.register_forward_pre_hook(pre, prepend=first))
         handles.append(module.register_forward_hook(post))
     return handles
 
@@ -396,7 +398,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
                 if rec not in recs:
                     recs.append(rec)
 
-        handles = _install_hooks(fake_model, infos, tracker)
+        handles = _install_hooks(fake_model, infos, tracker, first=sharded)
         if options.train:
             handles += [p.register_post_accumulate_grad_hook(on_grad) for p in params.values() if p.requires_grad]
         optimizer = build_optimizer(options, list(params.values()), target.prepare_optimizer)
