@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="FSDP2 (fully_shard) across N ranks: each repeated block, then the root")
     par.add_argument("--replicate", type=_positive, metavar="R",
                      help="HSDP: R replicas of the --fsdp group (R x N ranks)")
+    par.add_argument("--fsdp-units", metavar="NAMES",
+                     help="the modules fully_shard wraps before the root: comma-separated module names or class "
+                          "names (default: the repeated blocks)")
     par.add_argument("--no-reshard-after-forward", action="store_true",
                      help="keep each block's gathered parameters from forward to backward")
     par.add_argument("--mp-param-dtype", type=_dtype, metavar="DTYPE",
@@ -461,7 +464,8 @@ def _predict(args, built) -> int:
 def _parallel(args) -> dict | None:
     """``parallel=`` from the sharding flags, or None."""
     if args.fsdp is None:
-        for flag, value in (("--replicate", args.replicate), ("--no-reshard-after-forward", args.no_reshard_after_forward),
+        for flag, value in (("--replicate", args.replicate), ("--fsdp-units", args.fsdp_units),
+                            ("--no-reshard-after-forward", args.no_reshard_after_forward),
                             ("--mp-param-dtype", args.mp_param_dtype), ("--mp-reduce-dtype", args.mp_reduce_dtype)):
             if value:
                 raise UsageError(f"{flag} goes with --fsdp N")
@@ -469,6 +473,8 @@ def _parallel(args) -> dict | None:
     parallel: dict[str, Any] = {"fsdp": args.fsdp}
     if args.replicate:
         parallel["replicate"] = args.replicate
+    if args.fsdp_units:
+        parallel["units"] = [n.strip() for n in args.fsdp_units.split(",") if n.strip()]
     if args.no_reshard_after_forward:
         parallel["reshard_after_forward"] = False
     mp = {k: v for k, v in (("param_dtype", args.mp_param_dtype), ("reduce_dtype", args.mp_reduce_dtype)) if v}

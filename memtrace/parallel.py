@@ -241,7 +241,7 @@ def apply(model: torch.nn.Module, spec: Parallel, mesh) -> torch.nn.Module:
         kwargs["mp_policy"] = spec.mp_policy
     modules = dict(model.named_modules())
     try:
-        for name in spec.units:
+        for name in sorted(spec.units, key=lambda n: -n.count(".")):  # a unit inside another first
             fully_shard(modules[name], **kwargs)
         fully_shard(model, **kwargs)
     except RuntimeError as exc:

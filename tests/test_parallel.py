@@ -215,3 +215,9 @@ def test_cli_fsdp(capsys):
     out = capsys.readouterr().out
     assert "Rank 0 of 2 (FSDP 2 (mixed precision param_dtype=bfloat16))" in out
     assert "communication" in out
+    assert main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--device", "cpu", "--fsdp", "2",
+                 "--fsdp-units", "layer1,BasicBlock"]) == 0
+    assert "fully_shard wraps 9 modules ('layer1', ...)" in capsys.readouterr().out  # layer1 and 8 BasicBlocks
+    with pytest.raises(SystemExit):
+        main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--replicate", "2"])
+    assert "--replicate goes with --fsdp N" in capsys.readouterr().err
