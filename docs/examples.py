@@ -187,6 +187,20 @@ def tour_cli() -> str:
                "--budget 10GiB", first="Predicted peak", last="activation checkpointing")
 
 
+LLAMA3_70B = ('{"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, '
+              '"num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192}')
+
+
+@example("tour-fsdp-70b", SLOW)
+def tour_fsdp_70b() -> str:
+    step = (f"memtrace hf:LlamaConfig --model-kwargs '{LLAMA3_70B}' \\\n"
+            """    --seq-len 4096 --batch-size 1 --optimizer adamw --optimizer-kwargs '{"fused": true}' --checkpoint \\\n"""
+            "    --mp-param-dtype bf16 --mp-reduce-dtype fp32 --gpu H100 --no-levers")
+    eight = cli(step + " --fsdp 8", first="Predicted peak", last="Does not fit")
+    four_nodes = cli(step + " --fsdp 32", first="At the peak", last="  - Rank")
+    return eight + "\n" + four_nodes
+
+
 # ---- docs/answers.md --------------------------------------------------------------------------------
 
 @example("max-batch-resnet50", SLOW)
