@@ -368,7 +368,8 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
         _checkpoint_modules(fake_model, options.checkpoint, tracker, target, hooks)
         if sharded:
             try:
-                fake_model = parallel.apply(fake_model, options.parallel, mesh)
+                with tracker.hidden():  # nothing of the whole model is the rank's
+                    fake_model = parallel.apply(fake_model, options.parallel, mesh)
             except (TraceError, NotImplementedError):
                 raise
             except Exception as exc:
@@ -401,7 +402,14 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
         handles = _install_hooks(fake_model, infos, tracker, first=sharded)
         if options.train:
             handles += [p.register_post_accumulate_grad_hook(on_grad) for p in params.values() if p.requires_grad]
-        optimizer = build_optimizer(options, list(params.values()), target.prepare_optimizer)
+        with tracker.hidden():
+            stepped = parallel.local_shards(params, options) if sharded else None
+        if stepped is None:
+            optimizer = build_optimizer(options, list(params.values()), target.prepare_optimizer)
+        else:  # an elementwise optimizer over the rank's shards (parallel.local_shards says why)
+            optimizer = build_optimizer(options, list(stepped.values()), target.prepare_optimizer)
+            name_of.update({id(local): name for name, local in stepped.items()})
+            parallel.clear_sharded_grads_with(optimizer, list(params.values()))
         scaler = torch.amp.GradScaler("cpu") if (options.train and options.uses_grad_scaler) else None
 
         def mark_optimizer_state():
@@ -414,6 +422,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
 
         def mark_sharded_gradients():  # FSDP sets each sharded parameter's .grad after its reduce-scatter
             for name, p in params.items():
+                tracker.mark_role(p, Category.PARAMETER)  # a shard FSDP re-padded at lazy init is one too
                 if p.grad is not None:
                     rec = tracker.record_of(p.grad)
                     if rec is not None and rec.birth is None:
@@ -426,6 +435,11 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
             mark_optimizer_state()
             if sharded and phase in (Phase.OPTIMIZER, Phase.FORWARD):
                 mark_sharded_gradients()
+            if stepped is not None and phase is Phase.OPTIMIZER:
+                for name, local in stepped.items():  # FSDP may have replaced a shard (re-padded at lazy init)
+                    local.data = parallel.local(params[name])
+                    grad = params[name].grad
+                    local.grad = None if grad is None else parallel.local(grad)
             phase_starts.append((phase, it, len(tracker.events)))
             tracker.where = ModuleCall(phase, it, None, "(optimizer)" if phase is Phase.OPTIMIZER else "(loss)")
 

@@ -257,6 +257,50 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return getattr(t, "_local_tensor", t) if type(t).__name__ == "DTensor" else t
 
 
+# optimizers whose every op is elementwise over a parameter and its own state
+ELEMENTWISE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
+
+
+def local_shards(params: dict[str, torch.Tensor], options) -> dict[str, torch.nn.Parameter] | None:
+    """For an elementwise optimizer over parameters sharded on dim 0 only (FSDP2's), a parameter per local
+    shard, for the optimizer to step (the engine points each at its shard when the optimizer runs); else
+    None.
+
+    DTensor runs such an optimizer's ops on each local shard, so the ops and allocations are the same, but
+    it derives the sharding of every foreach op over all the parameters first, and the derivation is not
+    reused from one step to the next (the scalars differ): most of a sharded trace's time. Stepping the
+    shards themselves skips it. Optimizers with reductions (Adafactor's factored moments, LAMB's norms)
+    need DTensor's collectives and keep the DTensor parameters."""
+    if options.optimizer_name not in ELEMENTWISE_OPTIMIZERS or options.optimizer is None:
+        return None
+    if not isinstance(options.optimizer, type) or options.optimizer.__module__.split(".")[:2] != ["torch", "optim"]:
+        return None
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Shard
+
+    out = {}
+    for name, p in params.items():
+        if not isinstance(p, DTensor) or not all(isinstance(pl, Shard) and pl.dim == 0 for pl in p.placements):
+            return None
+        # empty until the optimizer phase gives it the shard FSDP holds then (FSDP re-pads uneven shards at
+        # its lazy initialisation, freeing the first ones: a reference here would keep them)
+        out[name] = torch.nn.Parameter(p._local_tensor.new_empty(0), requires_grad=p.requires_grad)
+    return out
+
+
+def clear_sharded_grads_with(optimizer, sharded: list[torch.Tensor]) -> None:
+    """``optimizer.zero_grad()`` clears the sharded parameters' gradients too, as it would stepping them."""
+    own = optimizer.zero_grad
+
+    def zero_grad(set_to_none: bool = True):
+        own(set_to_none)
+        if set_to_none:
+            for p in sharded:
+                p.grad = None
+
+    optimizer.zero_grad = zero_grad
+
+
 def wrapper_types() -> tuple[type, ...]:
     from torch.distributed.tensor import DTensor
 
