@@ -81,6 +81,11 @@ def report(
     True)`` records the sizes a real run produced, in that form. Every choice is listed in
     ``report.assumptions``.
 
+    ``parallel={"fsdp": 8}`` predicts one rank of sharded training: the fake copy is sharded by FSDP2's own
+    ``fully_shard`` over a fake process group ("replicate" for HSDP, "reshard_after_forward", "mp_policy",
+    "units"), or by ``parallel=fn(model, mesh)`` with ``world_size=``; the inputs are one rank's micro-batch,
+    and the report is the rank with the largest peak, listing the ranks that differ (``report.ranks``).
+
     ``checkpoint="auto"`` traces the step with the model's repeated blocks (the children of an
     ``nn.ModuleList`` or ``nn.Sequential`` of same-typed modules) under non-reentrant activation
     checkpointing; a list of module names checkpoints those modules instead.
@@ -89,6 +94,9 @@ def report(
     from .gpus import present
     from .report import build_report
 
+    if verify and parallel is not None:
+        raise ValueError("verify=True measures the step in this one process; a parallel= step runs on its ranks "
+                         "(benchmarks/distributed.py measures one with real processes)")
     if verify and checkpoint:
         raise ValueError("verify=True measures the step without checkpointing; give checkpoint=None to verify")
     if verify and alloc_conf is not None:

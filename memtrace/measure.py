@@ -83,6 +83,9 @@ def measure(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
     of the same batch on a GPU). It runs the step under a dispatch mode, which is off by default so that the
     measured run is exactly the plain one. Real tensors given in ``inputs=`` are fed with their own values,
     meta tensors with random ones."""
+    if kwargs.get("parallel") is not None or kwargs.get("world_size") is not None:
+        raise ValueError("measure() runs the step in this one process; it cannot measure a parallel= step, whose "
+                         "ranks are processes of their own (benchmarks/distributed.py measures one)")
     device = kwargs.get("device", "cuda")
     device = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     if device == "cpu":

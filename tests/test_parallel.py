@@ -219,6 +219,12 @@ def test_other_refusals():
         memtrace.report(Two(), (4, 10), device="cpu", world_size=2)
     with pytest.raises(ValueError, match="ReLU, which has no parameters to shard"):
         memtrace.report(nn.ReLU(), (4, 10), device="cpu", parallel={"fsdp": 2})
+    with pytest.raises(ValueError, match="verify=True measures the step in this one process"):
+        memtrace.report(Two(), (4, 10), device="cpu", parallel={"fsdp": 2}, verify=True)
+    with pytest.raises(ValueError, match="cannot measure a parallel= step"):
+        memtrace.measure(Two(), (4, 10), device="cpu", parallel={"fsdp": 2})
+    with pytest.raises(ValueError, match="parallel= predicts a training step"):
+        memtrace.report(Two(), (4, 10), device="cpu", parallel={"fsdp": 2}, train=False)
     with pytest.raises(NotImplementedError, match="tensor parallel is not predicted yet"):
         memtrace.report(Two(), (4, 10), device="cpu", parallel={"fsdp": 2, "tp": 2})
 
