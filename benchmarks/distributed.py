@@ -67,16 +67,20 @@ def _mp(param_dtype="bfloat16", reduce_dtype="float32"):
     return {"param_dtype": param_dtype, "reduce_dtype": reduce_dtype}
 
 
-# (name, model, parallel=, optimizer)
+OPTIMIZERS = {"adamw": ("adamw", None), "adamw fused": ("adamw", {"fused": True}),
+              "sgd": ("sgd", {"lr": 0.01, "momentum": 0.9})}
+
+# (name, model, parallel=, optimizer, activation checkpointing of the repeated blocks)
 CONFIGS = [
-    ("fsdp2", "llama", {"fsdp": 2}, "adamw"),
-    ("fsdp4", "llama", {"fsdp": 4}, "adamw"),
-    ("fsdp4 no reshard", "llama", {"fsdp": 4, "reshard_after_forward": False}, "adamw"),
-    ("fsdp4 bf16 params", "llama", {"fsdp": 4, "mp_policy": _mp()}, "adamw"),
-    ("hsdp 2x2", "llama", {"fsdp": 2, "replicate": 2}, "adamw"),
-    ("fsdp2", "mobilenet_v3", {"fsdp": 2}, "sgd"),
-    ("fsdp4", "mobilenet_v3", {"fsdp": 4}, "sgd"),
-    ("fsdp4 no reshard", "mobilenet_v3", {"fsdp": 4, "reshard_after_forward": False}, "sgd"),
+    ("fsdp2", "llama", {"fsdp": 2}, "adamw", False),
+    ("fsdp4", "llama", {"fsdp": 4}, "adamw", False),
+    ("fsdp4 no reshard", "llama", {"fsdp": 4, "reshard_after_forward": False}, "adamw", False),
+    ("fsdp4 bf16 params", "llama", {"fsdp": 4, "mp_policy": _mp()}, "adamw", False),
+    ("fsdp4 bf16 params checkpointed", "llama", {"fsdp": 4, "mp_policy": _mp()}, "adamw fused", True),
+    ("hsdp 2x2", "llama", {"fsdp": 2, "replicate": 2}, "adamw", False),
+    ("fsdp2", "mobilenet_v3", {"fsdp": 2}, "sgd", False),
+    ("fsdp4", "mobilenet_v3", {"fsdp": 4}, "sgd", False),
+    ("fsdp4 no reshard", "mobilenet_v3", {"fsdp": 4, "reshard_after_forward": False}, "sgd", False),
 ]
 
 
@@ -112,7 +116,8 @@ def _peak(prof) -> int:
     return max(total for _, _, total in events) - before
 
 
-def _rank_main(rank: int, world: int, model_name: str, parallel: dict, optimizer: str, out_dir: str, port: int):
+def _rank_main(rank: int, world: int, model_name: str, parallel: dict, optimizer: str, checkpoint: bool,
+               out_dir: str, port: int):
     """One rank of the real run: its peak allocated bytes, written to out_dir/rank.json."""
     _count_every_thread()
     import torch.distributed as dist
@@ -127,13 +132,15 @@ def _rank_main(rank: int, world: int, model_name: str, parallel: dict, optimizer
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model, kw = MODELS[model_name]()
-        opt, opt_kw = {"adamw": ("adamw", None), "sgd": ("sgd", {"lr": 0.01, "momentum": 0.9})}[optimizer]
+        opt, opt_kw = OPTIMIZERS[optimizer]
         options = parse_options(model, optimizer=opt, optimizer_kwargs=opt_kw, device="cpu", steps=STEPS,
-                                parallel=parallel, **kw)
+                                parallel=parallel, checkpoint="auto" if checkpoint else None, **kw)
         mesh = device_mesh(options.parallel)
         with torch.device("meta"):
             meta_model, _ = MODELS[model_name]()
         meta_model.train()
+        if checkpoint:  # as memtrace's checkpoint="auto" does it for a Hugging Face model, before sharding
+            meta_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         dist.barrier()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             torch.manual_seed(rank)
@@ -155,11 +162,12 @@ def _rank_main(rank: int, world: int, model_name: str, parallel: dict, optimizer
         dist.destroy_process_group()
 
 
-def real_peaks(model_name: str, parallel: dict, optimizer: str, world: int, port: int) -> list[int]:
+def real_peaks(model_name: str, parallel: dict, optimizer: str, checkpoint: bool, world: int, port: int) -> list[int]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_rank_main, args=(world, model_name, parallel, optimizer, out, port), nprocs=world, join=True)
+        mp.spawn(_rank_main, args=(world, model_name, parallel, optimizer, checkpoint, out, port), nprocs=world,
+                 join=True)
         peaks = []
         for r in range(world):
             with open(os.path.join(out, f"{r}.json")) as f:
@@ -167,23 +175,26 @@ def real_peaks(model_name: str, parallel: dict, optimizer: str, world: int, port
         return peaks
 
 
-def predicted(model_name: str, parallel: dict, optimizer: str) -> tuple[memtrace.Report, float]:
+def predicted(model_name: str, parallel: dict, optimizer: str, checkpoint: bool) -> tuple[memtrace.Report, float]:
     model, kw = MODELS[model_name]()
-    opt, opt_kw = {"adamw": ("adamw", None), "sgd": ("sgd", {"lr": 0.01, "momentum": 0.9})}[optimizer]
+    opt, opt_kw = OPTIMIZERS[optimizer]
     start = time.perf_counter()
     rep = memtrace.report(model, optimizer=opt, optimizer_kwargs=opt_kw, device="cpu", steps=STEPS,
-                          parallel=parallel, **kw)
+                          parallel=parallel, checkpoint="auto" if checkpoint else None, **kw)
     return rep, time.perf_counter() - start
 
 
-def one_process_miss(model_name: str, optimizer: str) -> int:
+def one_process_miss(model_name: str, optimizer: str, checkpoint: bool) -> int:
     """Predicted minus measured peak of the same step on one process, without parallel=."""
     model, kw = MODELS[model_name]()
-    opt, opt_kw = {"adamw": ("adamw", None), "sgd": ("sgd", {"lr": 0.01, "momentum": 0.9})}[optimizer]
+    opt, opt_kw = OPTIMIZERS[optimizer]
     args = dict(optimizer=opt, optimizer_kwargs=opt_kw, device="cpu", steps=STEPS, **kw)
+    real, _ = MODELS[model_name]()
+    if checkpoint:  # measure() runs the model as it is: checkpointed as a user does it
+        real.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with quiet_stderr():
-        measured = memtrace.measure(model, **args).peak_bytes
-    return memtrace.report(model, **args).peak_bytes - measured
+        measured = memtrace.measure(real, **args).peak_bytes
+    return memtrace.report(model, checkpoint="auto" if checkpoint else None, **args).peak_bytes - measured
 
 
 # ---- at scale: memtrace beside the formulas people use ----------------------------------------------
@@ -260,21 +271,22 @@ def main() -> int:
                        tablefmt="github", disable_numparse=True))
         return 0
     rows, met, total = [], 0, 0
-    misses: dict[tuple[str, str], int] = {}
+    misses: dict[tuple[str, str, bool], int] = {}
     port = args.port
-    for name, model_name, parallel, optimizer in CONFIGS:
+    for name, model_name, parallel, optimizer, checkpoint in CONFIGS:
         if args.only and args.only not in model_name and args.only not in name:
             continue
         world = parallel.get("fsdp", 1) * parallel.get("replicate", 1)
-        rep, secs = predicted(model_name, parallel, optimizer)
+        rep, secs = predicted(model_name, parallel, optimizer, checkpoint)
         runs = []
         for _ in range(args.runs):
             port += 1
             with quiet_stderr():
-                runs.append(real_peaks(model_name, parallel, optimizer, world, port))
-        if (model_name, optimizer) not in misses:
-            misses[model_name, optimizer] = one_process_miss(model_name, optimizer)
-        miss = misses[model_name, optimizer]
+                runs.append(real_peaks(model_name, parallel, optimizer, checkpoint, world, port))
+        key = (model_name, optimizer, checkpoint)
+        if key not in misses:
+            misses[key] = one_process_miss(*key)
+        miss = misses[key]
         by_rank = {r: rp.peak_bytes for rp in rep.ranks for r in rp.ranks}
         for rank in range(world):
             seen = [run[rank] for run in runs]

@@ -86,6 +86,10 @@ def measure(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
     if kwargs.get("parallel") is not None or kwargs.get("world_size") is not None:
         raise ValueError("measure() runs the step in this one process; it cannot measure a parallel= step, whose "
                          "ranks are processes of their own (benchmarks/distributed.py measures one)")
+    if kwargs.get("checkpoint"):
+        raise ValueError("measure() runs the model as it is and does not apply checkpoint=; checkpoint the model "
+                         "itself (torch.utils.checkpoint in its forward, or gradient_checkpointing_enable() on a "
+                         "Hugging Face model) and measure that")
     device = kwargs.get("device", "cuda")
     device = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     if device == "cpu":

@@ -208,3 +208,10 @@ def test_gpu_parses_a_size_and_checks_its_fields():
 def test_bad_gpu_is_refused_at_construction(args, part):
     exc = error_of(lambda: memtrace.GPU(*args))
     assert isinstance(exc, ValueError) and part in one_line(exc)
+
+
+def test_measure_refuses_checkpoint_it_would_not_apply():
+    # measure() runs the model as it is; a checkpoint= it ignored would measure an uncheckpointed step
+    with pytest.raises(ValueError, match="does not apply checkpoint="):
+        memtrace.measure(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)), (2, 4), device="cpu",
+                         checkpoint="auto")
