@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from common import MiB, header, quiet_stderr
+from common import OPTIMIZERS as COMMON_OPTIMIZERS, MiB, header, quiet_stderr
 
 import torch
 from tabulate import tabulate
@@ -67,8 +67,7 @@ def _mp(param_dtype="bfloat16", reduce_dtype="float32"):
     return {"param_dtype": param_dtype, "reduce_dtype": reduce_dtype}
 
 
-OPTIMIZERS = {"adamw": ("adamw", None), "adamw fused": ("adamw", {"fused": True}),
-              "sgd": ("sgd", {"lr": 0.01, "momentum": 0.9})}
+OPTIMIZERS = {**COMMON_OPTIMIZERS, "adamw fused": ("adamw", {"fused": True})}
 
 # (name, model, parallel=, optimizer, activation checkpointing of the repeated blocks)
 CONFIGS = [
@@ -99,16 +98,9 @@ def _count_every_thread() -> None:
 def _peak(prof) -> int:
     """The largest ``total_allocated`` an allocation event carries, less what was allocated before the
     profile began."""
-    from torch._C._profiler import _EventType
+    from memtrace.measure import _allocation_events
 
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    events = []
-    while stack:
-        node = stack.pop()
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
-        stack.extend(node.children)
-    events.sort()
+    events = _allocation_events(prof)
     if not events:
         return 0
     _, size, total = events[0]
@@ -123,7 +115,7 @@ def _rank_main(rank: int, world: int, model_name: str, parallel: dict, optimizer
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from memtrace.measure import _real_input
+    from memtrace.measure import _real_input, materialise
     from memtrace.options import parse_options
     from memtrace.parallel import apply, device_mesh
     from memtrace.step import build_optimizer, run_steps
@@ -145,13 +137,7 @@ def _rank_main(rank: int, world: int, model_name: str, parallel: dict, optimizer
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             torch.manual_seed(rank)
             sharded = apply(meta_model, options.parallel, mesh)
-            sharded.to_empty(device="cpu")
-            with torch.no_grad():
-                for p in sharded.parameters():
-                    p.normal_(0.0, 0.02)
-                for b in sharded.buffers():
-                    if b.is_floating_point():
-                        b.fill_(1.0)
+            materialise(sharded, "cpu")
             optimizer_ = build_optimizer(options, list(sharded.parameters()))
             run_steps(sharded, options, lambda: options.inputs.build(_real_input), optimizer_, None, "cpu")
             del sharded, optimizer_

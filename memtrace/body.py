@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .engine import (ModuleInfo, Trace, TraceError, _explain, _mark_optimizer_states, _quiet_fake_tensor_log,
-                     _shape_of, preserved_rng)
+                     _shape_of, preserved_rng, remember)
 from .datadep import describe_choices
 from .options import Category, Options, Phase
 from .targets import FunctionRules, Target, target_for
@@ -223,7 +223,7 @@ class _BodySession:
                     if rec is not None:
                         self.param_records[qualified] = rec
                     if p.grad is not None:
-                        self._remember(self.grad_records, qualified, tracker.record_of(p.grad))
+                        remember(self.grad_records, qualified, tracker.record_of(p.grad))
             for b in module._buffers.values():
                 rec = tracker.record_of(b) if b is not None else None
                 if rec is not None:
@@ -235,7 +235,7 @@ class _BodySession:
                     self._mark_param(p)
             for p, rec in _mark_optimizer_states(tracker, self.target, optimizer):
                 if id(p) in self.param_names:
-                    self._remember(self.state_records, self.param_names[id(p)], rec)
+                    remember(self.state_records, self.param_names[id(p)], rec)
         count = sum(p.numel() for p in seen.values())
         if count > self.param_count:
             self.param_count = count
@@ -247,12 +247,6 @@ class _BodySession:
             rec.birth = Category.PARAMETER
         if p.grad is not None:
             self.tracker.mark_role(p.grad, Category.GRADIENT)
-
-    def _remember(self, table: dict, key: str, rec: StorageRecord | None) -> None:
-        if rec is not None:
-            recs = table.setdefault(key, [])
-            if rec not in recs:
-                recs.append(rec)
 
     def module_infos(self) -> list[ModuleInfo]:
         """The modules the body called, each with meta tensors standing for the parameters it owned."""

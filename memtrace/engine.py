@@ -22,7 +22,7 @@ from .step import build_optimizer, run_steps
 from .targets import FunctionRules, Target, target_for
 from .datadep import ITEM, SizePolicy
 from .flops import FlopCounter
-from .tracer import ModuleCall, SavedTensorModifiedError, StorageRecord, StorageTracker
+from .tracer import ModuleCall, SavedTensorModifiedError, StorageRecord, StorageTracker, local
 
 
 class TraceError(RuntimeError):
@@ -54,6 +54,14 @@ class Trace:
     op_count: int
     flops: dict = field(default_factory=dict)  # phase -> first iteration's FLOPs (matmuls, convolutions, attention)
     notes: tuple[str, ...] = ()  # what the target's rules say the prediction leaves out for this model
+
+
+def remember(table: dict[str, list[StorageRecord]], key: str, rec: StorageRecord | None) -> None:
+    """Adds ``rec`` to ``table[key]`` once (a parameter's gradient or state records)."""
+    if rec is not None:
+        recs = table.setdefault(key, [])
+        if rec not in recs:
+            recs.append(rec)
 
 
 @contextlib.contextmanager
@@ -356,9 +364,9 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
     state_records: dict[str, list[StorageRecord]] = {}
     flops = tracker.flops = FlopCounter()
 
-    resizes = parallel.traced(tracker) if sharded else contextlib.nullcontext()
+    sharding_hooks = parallel.traced(tracker) if sharded else contextlib.nullcontext()
     with preserved_rng(), _quiet_fake_tensor_log(), fake_mode, tracker, _innermost_saved_tensors_hooks() as hooks, \
-            resizes:
+            sharding_hooks:
         tracker.where = ModuleCall(Phase.SETUP, 0, None, "(setup)")
         phase_starts.append((Phase.SETUP, 0, 0))
         if sharded:  # the whole model never exists on a rank: only its shards are accounted
@@ -391,13 +399,14 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
         tracker.param_module = owner
         param_records = {n: tracker.record_of(p) for n, p in params.items()}
 
-        def on_grad(p):
-            rec = tracker.record_of(p.grad)
+        def note_gradient(name: str, grad: torch.Tensor) -> None:
+            rec = tracker.record_of(grad)
             if rec is not None and rec.birth is None:
                 rec.role = Category.GRADIENT
-                recs = grad_records.setdefault(name_of[id(p)], [])
-                if rec not in recs:
-                    recs.append(rec)
+                remember(grad_records, name, rec)
+
+        def on_grad(p):
+            note_gradient(name_of[id(p)], p.grad)
 
         handles = _install_hooks(fake_model, infos, tracker, first=sharded)
         if options.train:
@@ -408,7 +417,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
             optimizer = build_optimizer(options, list(params.values()), target.prepare_optimizer)
         else:  # an elementwise optimizer over the rank's shards (parallel.local_shards says why)
             optimizer = build_optimizer(options, list(stepped.values()), target.prepare_optimizer)
-            name_of.update({id(local): name for name, local in stepped.items()})
+            name_of.update({id(shard): name for name, shard in stepped.items()})
             parallel.clear_sharded_grads_with(optimizer, list(params.values()))
         scaler = torch.amp.GradScaler("cpu") if (options.train and options.uses_grad_scaler) else None
 
@@ -416,30 +425,23 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
             if optimizer is None:
                 return
             for p, rec in _mark_optimizer_states(tracker, target, optimizer):
-                recs = state_records.setdefault(name_of.get(id(p), "?"), [])
-                if rec not in recs:
-                    recs.append(rec)
+                remember(state_records, name_of.get(id(p), "?"), rec)
 
         def mark_sharded_gradients():  # FSDP sets each sharded parameter's .grad after its reduce-scatter
             for name, p in params.items():
                 tracker.mark_role(p, Category.PARAMETER)  # a shard FSDP re-padded at lazy init is one too
                 if p.grad is not None:
-                    rec = tracker.record_of(p.grad)
-                    if rec is not None and rec.birth is None:
-                        rec.role = Category.GRADIENT
-                        recs = grad_records.setdefault(name, [])
-                        if rec not in recs:
-                            recs.append(rec)
+                    note_gradient(name, p.grad)
 
         def on_phase(phase: Phase, it: int) -> None:
             mark_optimizer_state()
             if sharded and phase in (Phase.OPTIMIZER, Phase.FORWARD):
                 mark_sharded_gradients()
             if stepped is not None and phase is Phase.OPTIMIZER:
-                for name, local in stepped.items():  # FSDP may have replaced a shard (re-padded at lazy init)
-                    local.data = parallel.local(params[name])
+                for name, shard in stepped.items():  # FSDP may have replaced a shard (re-padded at lazy init)
+                    shard.data = local(params[name])
                     grad = params[name].grad
-                    local.grad = None if grad is None else parallel.local(grad)
+                    shard.grad = None if grad is None else local(grad)
             phase_starts.append((phase, it, len(tracker.events)))
             tracker.where = ModuleCall(phase, it, None, "(optimizer)" if phase is Phase.OPTIMIZER else "(loss)")
 

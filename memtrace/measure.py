@@ -59,17 +59,24 @@ def _real_copy(model: torch.nn.Module, options: Options, device: torch.device) -
     on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     real = copy.deepcopy(model)
     if on_meta:
-        real = real.to_empty(device=device)
-        with torch.no_grad():
-            for p in real.parameters():
-                p.normal_(0.0, 0.02)
-            for b in real.buffers():
-                if b.is_floating_point():
-                    b.fill_(1.0)
+        real = materialise(real, device)
     real = real.to(device)
     if options.dtype is not None:
         real = real.to(dtype=options.dtype)
     return real.train(options.train)
+
+
+def materialise(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """A model on the meta device made real on ``device``, uninitialised, then given small random weights
+    and buffers of ones (memory is the same whatever the values)."""
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.fill_(1.0)
+    return model
 
 
 def measure(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
@@ -209,6 +216,8 @@ def _run_until_no_step_is_skipped(run) -> tuple[Any, float | None, int]:
 
 
 def _allocation_events(prof):
+    """The profile's allocation events in time order: (time, bytes, frees negative; the allocator's running
+    total after it, as the allocator counts it)."""
     from torch._C._profiler import _EventType
 
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
@@ -216,7 +225,7 @@ def _allocation_events(prof):
     while stack:
         node = stack.pop()
         if node.tag == _EventType.Allocation:
-            out.append((node.start_time_ns, node.extra_fields.alloc_size))
+            out.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
         stack.extend(node.children)
     out.sort(key=lambda e: e[0])
     return out
@@ -255,7 +264,7 @@ def measure_cpu(model: torch.nn.Module, input_shape=None, *, record_data_depende
     total = peak = 0
     by_phase: dict[str, int] = {}
     k = 0
-    for t, size in events:
+    for t, size, _ in events:
         total += size
         while k + 1 < len(marks) and marks[k + 1][1] <= t:
             k += 1

@@ -252,11 +252,6 @@ def apply(model: torch.nn.Module, spec: Parallel, mesh) -> torch.nn.Module:
     return model
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard; any other tensor itself."""
-    return getattr(t, "_local_tensor", t) if type(t).__name__ == "DTensor" else t
-
-
 # optimizers whose every op is elementwise over a parameter and its own state
 ELEMENTWISE_OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSprop", "Adagrad")
 

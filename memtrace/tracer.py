@@ -81,8 +81,8 @@ class SavedTensorModifiedError(RuntimeError):
     step with the same message."""
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local tensor, which holds its storage; any other tensor itself."""
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor (its shard on this rank), which holds its storage; any other tensor itself."""
     return t._local_tensor if type(t).__name__ == "DTensor" else t
 
 
@@ -194,7 +194,7 @@ class StorageTracker(TorchDispatchMode):
         were allocated now, as ``category``."""
         birth, self.where.birth = self.where.birth, category
         try:
-            self._see(_local(t), "(setup)")
+            self._see(local(t), "(setup)")
         finally:
             self.where.birth = birth
 
@@ -325,7 +325,7 @@ class StorageTracker(TorchDispatchMode):
 
     # ---- where we are ------------------------------------------------------------------------
     def record_of(self, t: torch.Tensor) -> StorageRecord | None:
-        entry = self._live.get(_local(t).untyped_storage()._cdata)
+        entry = self._live.get(local(t).untyped_storage()._cdata)
         return entry[1][0] if entry and entry[1] else None
 
     def current_module(self) -> str:
