@@ -1,9 +1,11 @@
-"""Per-rank memory of sharded training: ``report(..., parallel=...)`` against real multi-process runs.
+"""Per-rank memory of sharded and data-parallel training: ``report(..., parallel=...)`` against real
+multi-process runs.
 
 Truth: ``world`` processes on this machine with the gloo backend (``torch.multiprocessing``), each applying
-the same plan as memtrace does (``fully_shard`` on the model's repeated blocks and on the root, over a real
-CPU device mesh) to a model built on the meta device and materialised after sharding, as FSDP2 training
-scripts do, then running the same step (``memtrace.step.run_steps``: forward, loss, backward, optimizer
+the same plan as memtrace does: for FSDP2, ``fully_shard`` on the model's repeated blocks and on the root,
+over a real CPU device mesh, to a model built on the meta device and materialised after sharding, as FSDP2
+training scripts do; for DDP, ``DistributedDataParallel`` with the same options around the model built on
+the CPU. Then each runs the same step (``memtrace.step.run_steps``: forward, loss, backward, optimizer
 step, 2 iterations) under the profiler.
 
 A rank's peak is the CPU allocator's running total of allocated bytes, which each profiler allocation
@@ -80,6 +82,13 @@ CONFIGS = [
     ("fsdp2", "mobilenet_v3", {"fsdp": 2}, "sgd", False),
     ("fsdp4", "mobilenet_v3", {"fsdp": 4}, "sgd", False),
     ("fsdp4 no reshard", "mobilenet_v3", {"fsdp": 4, "reshard_after_forward": False}, "sgd", False),
+    ("ddp2", "llama", {"ddp": 2}, "adamw", False),
+    ("ddp4", "llama", {"ddp": 4}, "adamw", False),
+    ("ddp4 bucket view", "llama", {"ddp": 4, "gradient_as_bucket_view": True}, "adamw", False),
+    ("ddp4 1 MiB buckets", "llama", {"ddp": 4, "bucket_cap_mb": 1}, "adamw", False),
+    ("ddp2", "mobilenet_v3", {"ddp": 2}, "sgd", False),
+    ("ddp4 bucket view", "mobilenet_v3", {"ddp": 4, "gradient_as_bucket_view": True}, "sgd", False),
+    ("ddp4 no buffer broadcast", "mobilenet_v3", {"ddp": 4, "broadcast_buffers": False}, "sgd", False),
 ]
 
 
@@ -127,7 +136,9 @@ def _rank_main(rank: int, world: int, model_name: str, parallel: dict, optimizer
         opt, opt_kw = OPTIMIZERS[optimizer]
         options = parse_options(model, optimizer=opt, optimizer_kwargs=opt_kw, device="cpu", steps=STEPS,
                                 parallel=parallel, checkpoint="auto" if checkpoint else None, **kw)
-        mesh = device_mesh(options.parallel)
+        spec = options.parallel
+        mesh = device_mesh(spec) if spec.shards else None
+        del model
         with torch.device("meta"):
             meta_model, _ = MODELS[model_name]()
         meta_model.train()
@@ -136,11 +147,17 @@ def _rank_main(rank: int, world: int, model_name: str, parallel: dict, optimizer
         dist.barrier()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             torch.manual_seed(rank)
-            sharded = apply(meta_model, options.parallel, mesh)
-            materialise(sharded, "cpu")
-            optimizer_ = build_optimizer(options, list(sharded.parameters()))
-            run_steps(sharded, options, lambda: options.inputs.build(_real_input), optimizer_, None, "cpu")
-            del sharded, optimizer_
+            if spec.shards:
+                wrapped = apply(meta_model, spec, mesh)
+                materialise(wrapped, "cpu")
+            else:  # the model built on the CPU inside the profile: its parameters are the rank's
+                real_model = MODELS[model_name]()[0]  # (not keeping the example inputs it also makes)
+                real_model.train()
+                wrapped = torch.nn.parallel.DistributedDataParallel(real_model, **dict(spec.ddp_options))
+                del real_model
+            optimizer_ = build_optimizer(options, list(wrapped.parameters()))
+            run_steps(wrapped, options, lambda: options.inputs.build(_real_input), optimizer_, None, "cpu")
+            del wrapped, optimizer_
         peak = _peak(prof)
         with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
             json.dump({"peak": peak}, f)
@@ -262,8 +279,8 @@ def main() -> int:
     for name, model_name, parallel, optimizer, checkpoint in CONFIGS:
         if args.only and args.only not in model_name and args.only not in name:
             continue
-        world = parallel.get("fsdp", 1) * parallel.get("replicate", 1)
         rep, secs = predicted(model_name, parallel, optimizer, checkpoint)
+        world = rep.world_size
         runs = []
         for _ in range(args.runs):
             port += 1

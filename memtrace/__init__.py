@@ -142,18 +142,22 @@ def _parallel_report(model: torch.nn.Module, eager: torch.nn.Module, options) ->
     reports = [build_report(eager, options, trace(model, options, rank=g[0])) for g in groups]
     ranks = tuple(RankPeak(tuple(g), r.peak_bytes) for g, r in zip(groups, reports))
     top = max(range(len(groups)), key=lambda i: (reports[i].peak_bytes, -i))
-    about = (f"Rank {groups[top][0]} of {spec.world_size} ({spec.describe()}), traced with PyTorch's own "
-             f"{'plan code' if spec.plan is not None else 'FSDP2 (fully_shard)'} on a fake process group: "
-             "collectives complete at once and move no data.")
+    code = ("plan code" if spec.plan is not None else "FSDP2 (fully_shard)" if spec.shards else
+            "DistributedDataParallel (its reducer's buckets, gradient copies and buffer broadcasts)")
+    about = (f"Rank {groups[top][0]} of {spec.world_size} ({spec.describe()}), traced with PyTorch's own {code} on a "
+             "fake process group: collectives complete at once and move no data.")
     if len(groups) > 1:
         about += (f" Ranks hold different shards (uneven dimensions); the rank with the largest peak is shown. "
                   f"Ranks {describe_ranks(groups)} each hold the same memory.")
-    if spec.plan is None:
+    if not spec.shards:
+        about += " Every rank holds the same memory."
+    elif spec.plan is None:
         units = len(spec.units)
         about += (f" fully_shard wraps {units} module{'s' if units != 1 else ''}"
                   + (f" ({spec.units[0]!r}{', ...' if units > 1 else ''})" if units else "") + " and the root.")
     if options.device == "cuda":
-        about += (" NCCL's own buffers are not counted (max_memory_allocated does not see them); the reserved "
-                  "estimate does not model the separate pools of FSDP's all-gather and reduce-scatter streams.")
+        about += " NCCL's own buffers are not counted (max_memory_allocated does not see them)"
+        about += ("; the reserved estimate does not model the separate pools of FSDP's all-gather and reduce-scatter "
+                  "streams." if spec.shards else ".")
     return replace(reports[top], parallel=spec.describe(), world_size=spec.world_size, rank=groups[top][0],
                    ranks=ranks, notes=(about,) + reports[top].notes)

@@ -211,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--verify", action="store_true", help="also run the real step on this machine's GPU and show "
                                                           "the measured peak")
 
-    par = p.add_argument_group("sharded training (the report is one rank's; --input-shape/--batch-size are one "
-                               "rank's micro-batch)")
+    par = p.add_argument_group("sharded and data-parallel training (the report is one rank's; "
+                               "--input-shape/--batch-size are one rank's micro-batch)")
     par.add_argument("--fsdp", type=_positive, metavar="N",
                      help="FSDP2 (fully_shard) across N ranks: each repeated block, then the root")
     par.add_argument("--replicate", type=_positive, metavar="R",
@@ -226,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="FSDP2 MixedPrecisionPolicy param_dtype (the dtype parameters are gathered in)")
     par.add_argument("--mp-reduce-dtype", type=_dtype, metavar="DTYPE",
                      help="MixedPrecisionPolicy reduce_dtype (the dtype gradients are reduced in)")
+    par.add_argument("--ddp", type=_positive, metavar="N",
+                     help="DistributedDataParallel across N ranks (every rank holds the whole model)")
+    par.add_argument("--bucket-cap-mb", type=float, metavar="MB",
+                     help="DDP's bucket_cap_mb: the size of its gradient buckets (default 25)")
+    par.add_argument("--gradient-as-bucket-view", action="store_true",
+                     help="DDP's gradient_as_bucket_view: the gradients are views of its buckets")
+    par.add_argument("--no-broadcast-buffers", action="store_true",
+                     help="DDP's broadcast_buffers=False: no broadcast of the module's buffers before each forward")
     ask = p.add_argument_group("questions (each adds a table; the limit is --budget, else --gpu's usable memory)")
     ask.add_argument("--max-batch", action="store_true",
                      help="the largest batch size that fits (the search starts at --batch-size)")
@@ -463,6 +471,22 @@ def _predict(args, built) -> int:
 
 def _parallel(args) -> dict | None:
     """``parallel=`` from the sharding flags, or None."""
+    ddp_flags = (("--bucket-cap-mb", args.bucket_cap_mb), ("--gradient-as-bucket-view", args.gradient_as_bucket_view),
+                 ("--no-broadcast-buffers", args.no_broadcast_buffers))
+    if args.ddp is not None:
+        if args.fsdp is not None:
+            raise UsageError("--ddp and --fsdp are two ways to train on N ranks; for FSDP groups replicated across "
+                             "ranks (HSDP) give --fsdp N --replicate R")
+        parallel: dict[str, Any] = {"ddp": args.ddp}
+        for key, value in (("bucket_cap_mb", args.bucket_cap_mb), ("gradient_as_bucket_view",
+                                                                    args.gradient_as_bucket_view or None),
+                           ("broadcast_buffers", False if args.no_broadcast_buffers else None)):
+            if value is not None:
+                parallel[key] = value
+        return parallel
+    for flag, value in ddp_flags:
+        if value:
+            raise UsageError(f"{flag} goes with --ddp N")
     if args.fsdp is None:
         for flag, value in (("--replicate", args.replicate), ("--fsdp-units", args.fsdp_units),
                             ("--no-reshard-after-forward", args.no_reshard_after_forward),
@@ -470,7 +494,7 @@ def _parallel(args) -> dict | None:
             if value:
                 raise UsageError(f"{flag} goes with --fsdp N")
         return None
-    parallel: dict[str, Any] = {"fsdp": args.fsdp}
+    parallel = {"fsdp": args.fsdp}
     if args.replicate:
         parallel["replicate"] = args.replicate
     if args.fsdp_units:

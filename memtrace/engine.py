@@ -340,7 +340,7 @@ def trace(model: torch.nn.Module, options: Options, rank: int = 0) -> Trace:
 
     spec = options.parallel
     with parallel.fake_world(spec.world_size, rank):
-        return _trace(model, options, parallel.device_mesh(spec))
+        return _trace(model, options, parallel.device_mesh(spec) if spec.shards else None)
 
 
 def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
@@ -349,7 +349,8 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
     target = target_for(options.device, options.gpu, options.alloc_conf)
     tracker = StorageTracker(target, SizePolicy(options.data_dependent))
     sharded = mesh is not None
-    if sharded:
+    replicated = options.parallel is not None and not options.parallel.shards  # DDP
+    if options.parallel is not None:
         from . import parallel
 
         tracker.wrapper_types = parallel.wrapper_types()
@@ -389,6 +390,10 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
                 tracker.adopt(p, Category.PARAMETER)
             for b in fake_model.buffers():
                 tracker.adopt(b, Category.BUFFER)
+        runner = fake_model  # what the step calls: the model, or the DDP module around it
+        if replicated:
+            tracker.where.label = "(DDP)"
+            runner = parallel.wrap_ddp(fake_model, options.parallel, tracker)
         infos = _module_infos(fake_model)
         params = {name: p for name, p in fake_model.named_parameters()}
         owner = {}
@@ -455,7 +460,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
             rules = FunctionRules.for_target(target, tracker.note)
             amp = target.autocast() if options.amp_dtype is not None else contextlib.nullcontext()
             with rules, amp, tracker.saved_tensors_hooks():
-                run_steps(fake_model, options, new_inputs, optimizer, scaler, "cpu", on_phase)
+                run_steps(runner, options, new_inputs, optimizer, scaler, "cpu", on_phase)
         except Exception as exc:
             raise _explain(exc, tracker) from exc
         finally:

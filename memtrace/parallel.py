@@ -23,7 +23,10 @@ import torch
 
 from .options import Category
 
-_KEYS = ("fsdp", "replicate", "tp", "ddp", "reshard_after_forward", "mp_policy", "units")
+_FSDP_KEYS = ("fsdp", "replicate", "reshard_after_forward", "mp_policy", "units")
+# DistributedDataParallel's keyword arguments that decide what a rank holds
+DDP_KEYS = ("bucket_cap_mb", "gradient_as_bucket_view", "broadcast_buffers")
+_KEYS = _FSDP_KEYS + ("tp", "ddp") + DDP_KEYS
 MESH_DIMS = ("replicate", "fsdp")
 
 
@@ -38,10 +41,19 @@ class Parallel:
     units: tuple[str, ...] = ()  # the modules fully_shard wraps before the root (their names)
     plan: Callable | None = field(default=None, compare=False)  # the user's fn(model, mesh) -> model
     world: int = 1  # world size of a user's plan
+    ddp: int = 1  # DistributedDataParallel over this many ranks (instead of FSDP)
+    ddp_options: tuple[tuple[str, Any], ...] = ()  # DDP's keyword arguments (DDP_KEYS), as (name, value)
 
     @property
     def world_size(self) -> int:
-        return self.world if self.plan is not None else self.fsdp * self.replicate
+        if self.plan is not None:
+            return self.world
+        return self.ddp if self.ddp > 1 else self.fsdp * self.replicate
+
+    @property
+    def shards(self) -> bool:
+        """Parameters are sharded (FSDP2, or a plan of DTensors): a rank never holds the whole model."""
+        return self.ddp == 1
 
     @property
     def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -52,6 +64,9 @@ class Parallel:
         return (self.fsdp,), ("fsdp",)
 
     def describe(self) -> str:
+        if self.ddp > 1:
+            extras = ", ".join(f"{k}={v}" for k, v in self.ddp_options)
+            return f"DDP {self.ddp}" + (f" ({extras})" if extras else "")
         if self.plan is not None:
             return f"{getattr(self.plan, '__name__', type(self.plan).__name__)} over {self.world} ranks"
         text = f"HSDP {self.replicate} x FSDP {self.fsdp}" if self.replicate > 1 else f"FSDP {self.fsdp}"
@@ -95,15 +110,15 @@ def _mp_policy(value: Any):
                     "of its fields (param_dtype, reduce_dtype, output_dtype, cast_forward_inputs)")
 
 
-def _check_available() -> None:
+def _check_available(what: str = "FSDP2 on a CPU device mesh") -> None:
     import torch.distributed as dist
 
     if not dist.is_available():
         raise RuntimeError("parallel= needs torch.distributed, which this PyTorch build does not have")
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401  (PyTorch >= 2.6)
+    try:  # PyTorch 2.6 has it, and the fake tensor implementations of the c10d collectives
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:
-        raise RuntimeError(f"parallel= traces FSDP2 on a CPU device mesh, which needs PyTorch 2.6 or later; this is "
+        raise RuntimeError(f"parallel= traces {what}, which needs PyTorch 2.6 or later; this is "
                            f"{torch.__version__}") from None
 
 
@@ -130,10 +145,14 @@ def parse_parallel(parallel: Any, world_size: Any, model: torch.nn.Module) -> Pa
         close = difflib.get_close_matches(str(unknown[0]), _KEYS, n=2)
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         raise ValueError(f"parallel= has {unknown[0]!r}{hint}; valid: {', '.join(_KEYS)}")
-    for key in ("tp", "ddp"):
-        if key in parallel and parallel[key] != 1:
-            raise NotImplementedError(f"parallel={{'{key}': ...}}: {'tensor parallel' if key == 'tp' else 'DDP'} is not "
-                                      "predicted yet; FSDP2 ('fsdp', with 'replicate' for HSDP) is")
+    if "tp" in parallel and parallel["tp"] != 1:
+        raise NotImplementedError("parallel={'tp': ...}: tensor parallel is not predicted yet; FSDP2 ('fsdp', with "
+                                  "'replicate' for HSDP) and DDP ('ddp') are")
+    if "ddp" in parallel and parallel["ddp"] != 1:
+        return _parse_ddp(parallel, world_size)
+    given = [k for k in DDP_KEYS if k in parallel]
+    if given:
+        raise ValueError(f"parallel= {given[0]!r} is an option of DDP; give 'ddp': N with it")
     _check_available()
     fsdp = _positive_int("fsdp", parallel.get("fsdp", 1))
     replicate = _positive_int("replicate", parallel.get("replicate", 1))
@@ -158,6 +177,30 @@ def parse_parallel(parallel: Any, world_size: Any, model: torch.nn.Module) -> Pa
         units = _parse_units(model, units)
     return Parallel(fsdp=fsdp, replicate=replicate, reshard_after_forward=reshard,
                     mp_policy=_mp_policy(parallel.get("mp_policy")), units=tuple(units))
+
+
+def _parse_ddp(parallel: Mapping, world_size: Any) -> Parallel:
+    ddp = _positive_int("ddp", parallel["ddp"])
+    mixed = [k for k in _FSDP_KEYS if k in parallel]
+    if mixed:
+        raise ValueError(f"parallel= gives 'ddp' with {mixed[0]!r}: DDP replicates the whole model on every rank; for "
+                         "FSDP groups whose gradients are all-reduced across replicas (HSDP) give {'fsdp': N, "
+                         "'replicate': R}")
+    if world_size is not None and _positive_int("world_size", world_size) != ddp:
+        raise ValueError(f"world_size={world_size} but parallel={dict(parallel)!r} spans {ddp} ranks")
+    _check_available("DDP on a fake process group")
+    chosen = []
+    for key in DDP_KEYS:
+        if key not in parallel:
+            continue
+        value = parallel[key]
+        if key == "bucket_cap_mb":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"parallel= bucket_cap_mb={value!r} must be a positive number of MiB")
+        elif not isinstance(value, bool):
+            raise ValueError(f"parallel= {key}={value!r} must be True or False")
+        chosen.append((key, value))
+    return Parallel(ddp=ddp, ddp_options=tuple(chosen))
 
 
 def _parse_units(model: torch.nn.Module, units: Any) -> tuple[str, ...]:
@@ -229,7 +272,14 @@ def apply(model: torch.nn.Module, spec: Parallel, mesh) -> torch.nn.Module:
     """Parallelize ``model`` (the fake copy) in place as the user's trainer would: their plan, or
     ``fully_shard`` on each unit and then on the root."""
     if spec.plan is not None:
-        out = spec.plan(model, mesh)
+        def refuse(own):
+            def init(*args, **kwargs):
+                raise TypeError(f"parallel= {spec.describe()} wraps the model in DistributedDataParallel; a plan is "
+                                "traced as sharding (FSDP2, DTensor): give parallel={'ddp': N, ...} for DDP")
+            return init
+
+        with _patched(torch.nn.parallel.DistributedDataParallel, "__init__", refuse):
+            out = spec.plan(model, mesh)
         out = model if out is None else out
         if not isinstance(out, torch.nn.Module):
             raise TypeError(f"parallel= {spec.describe()} returned {type(out).__name__}, expected the model (or None)")
@@ -250,6 +300,85 @@ def apply(model: torch.nn.Module, spec: Parallel, mesh) -> torch.nn.Module:
                                "CPU device mesh, which needs a later PyTorch") from exc
         raise
     return model
+
+
+# ---- DistributedDataParallel ------------------------------------------------------------------------------
+# DDP runs as it is: its C++ reducer allocates the flat gradient buckets at construction (one per dtype until
+# the first iteration has shown the order gradients arrive in, then ``bucket_cap_mb`` each, the first 1 MiB),
+# copies each gradient into its bucket (or, with ``gradient_as_bucket_view``, makes the gradient a view of
+# it), all-reduces the bucket, and copies the result back; it broadcasts the module's buffers before each
+# forward. All of it runs on the fake tensors, over the fake process group. Three things cannot, and are
+# given what a real run gives them instead:
+# - the shape check across ranks at construction reads parameter data: every rank has the same model;
+# - the fake group's all-reduce completes with no result, which the reducer needs: a communication hook
+#   does what DDP's default does (the bucket divided by the world size, reduced in place, returned);
+# - the rebuild of the buckets after the first iteration exchanges the new bucket indices as small integer
+#   tensors the reducer fills and reads on the host: those are made real (a few bytes each).
+
+
+def wrap_ddp(model: torch.nn.Module, spec: Parallel, tracker) -> torch.nn.Module:
+    """``DistributedDataParallel(model, **spec.ddp_options)`` on the fake copy, as a trainer constructs it."""
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel import distributed as ddp_module
+
+    import warnings
+
+    options = dict(spec.ddp_options)
+    with _patched(ddp_module, "_verify_param_shape_across_processes", lambda own: lambda *args, **kwargs: None), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
+        ddp = DistributedDataParallel(model, **options)
+    role = Category.GRADIENT if options.get("gradient_as_bucket_view") else Category.COMMUNICATION
+    world = spec.world_size
+
+    def allreduce(state, bucket):  # DDP's default reduction: in place, averaged over the ranks
+        buffer = bucket.buffer()
+        tracker.mark_role(buffer, role)
+        buffer.div_(world)
+        done = torch.futures.Future()
+        done.set_result(buffer)
+        return done
+
+    ddp.register_comm_hook(None, allreduce)
+    ddp.reducer = _Reducer(ddp.reducer)
+    return ddp
+
+
+class _Reducer:
+    """DDP's reducer, whose bucket rebuild runs with its index exchange on real host tensors."""
+
+    def __init__(self, reducer):
+        object.__setattr__(self, "_reducer", reducer)
+
+    def __getattr__(self, name):
+        return getattr(self._reducer, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._reducer, name, value)
+
+    def _rebuild_buckets(self) -> bool:
+        with _RealIndexTensors():
+            return self._reducer._rebuild_buckets()
+
+
+class _RealIndexTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Integer tensors made from nothing, and every op on real tensors only, run for real: the reducer
+    writes and reads the bucket indices it exchanges through their data. Everything else goes on to the
+    fake mode and the tracker (the new buckets among it)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch.utils._python_dispatch import _disable_current_modes
+        from torch.utils._pytree import tree_flatten
+
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        real = (not any(isinstance(t, FakeTensor) for t in tensors) if tensors
+                else kwargs.get("dtype") in (torch.int32, torch.int64))
+        if real:
+            with _disable_current_modes():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 # optimizers whose every op is elementwise over a parameter and its own state
@@ -304,8 +433,9 @@ def wrapper_types() -> tuple[type, ...]:
 
 # ---- what FSDP2's buffers are --------------------------------------------------------------------------
 def op_rules() -> dict:
-    """Dispatch rules that name FSDP2's buffers: the all-gather input and output are communication buffers;
-    the reduce-scatter input is one, and the unsharded gradients copied into it are gradients."""
+    """Dispatch rules that name the buffers of FSDP2 and DDP: the all-gather input and output are
+    communication buffers; the reduce-scatter input is one, and the unsharded gradients copied into it are
+    gradients; so are the flat tensors DDP broadcasts parameters and buffers in."""
     rules = {}
     ops = getattr(torch.ops, "fsdp", None)
 
@@ -327,8 +457,15 @@ def op_rules() -> dict:
             tracker.mark_role(out, Category.COMMUNICATION)
         return communication(tracker, func, args, kwargs)
 
-    for name, rule in (("all_gather_copy_in", communication), ("chunk_cat", reduce_scatter_input)):
-        packet = getattr(ops, name, None) if ops is not None else None
+    def broadcast(tracker, func, args, kwargs):  # DDP's flattened parameters and buffers
+        for t in (args[0] if args else kwargs.get("tensors", ())):
+            if isinstance(t, torch.Tensor):
+                tracker.mark_role(t, Category.COMMUNICATION)
+        return func(*args, **kwargs)
+
+    for packet, rule in ((getattr(ops, "all_gather_copy_in", None), communication),
+                         (getattr(ops, "chunk_cat", None), reduce_scatter_input),
+                         (getattr(torch.ops.c10d, "broadcast_", None), broadcast)):
         if packet is not None:
             for overload in packet.overloads():
                 rules[getattr(packet, overload)] = rule
@@ -409,7 +546,7 @@ def _eager_collectives():
 def rank_groups(model: torch.nn.Module, spec: Parallel) -> list[list[int]]:
     """The ranks, grouped by the local sizes of every sharded parameter (ranks with the same sizes hold the
     same memory), each group's first rank first; rank 0's group first."""
-    if spec.plan is not None:
+    if spec.plan is not None or not spec.shards:  # a plan's own sharding is not known; DDP replicates
         return [list(range(spec.world_size))]
     fsdp = spec.fsdp
     dims = [p.shape[0] for p in model.parameters() if p.dim() > 0]

@@ -192,6 +192,12 @@ def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any]
     if not s.get("checkpoint") and repeated_blocks(model):
         out.append(("activation checkpointing", {"checkpoint": "auto"}))
     parallel = options.get("parallel")
+    if isinstance(parallel, Mapping) and parallel.get("ddp", 1) > 1:
+        n = parallel["ddp"]
+        out.append((f"FSDP instead of DDP (shard across the {n} ranks)", {"parallel": {"fsdp": n}}))
+        if not parallel.get("gradient_as_bucket_view"):
+            out.append(("DDP gradient_as_bucket_view (gradients in the buckets, no copy)",
+                        {"parallel": {**parallel, "gradient_as_bucket_view": True}}))
     if isinstance(parallel, Mapping) and parallel.get("fsdp", 1) > 1:
         n = parallel["fsdp"]
         out.append((f"shard wider (FSDP {n} → {2 * n} ranks)", {"parallel": {**parallel, "fsdp": 2 * n}}))
@@ -201,6 +207,10 @@ def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any]
             out.append(("FSDP bf16 parameters (MixedPrecisionPolicy)", {"parallel": {
                 **parallel, "mp_policy": {"param_dtype": "bfloat16", "reduce_dtype": "float32"}}}))
     return out
+
+
+def _is_ddp(parallel: Mapping[str, Any]) -> bool:
+    return parallel.get("ddp", 1) > 1
 
 
 def _accumulation_lever(model, batched, options: Mapping[str, Any], mem, largest: int, add,
@@ -257,6 +267,8 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
         for label, overrides in candidates:
             if not ("amp" in together and "amp" in overrides) and not ("optimizer" in together and "optimizer" in overrides):
                 if "parallel" in together and "parallel" in overrides:  # the sharding levers combine
+                    if _is_ddp(together["parallel"]) != _is_ddp(overrides["parallel"]):
+                        continue  # FSDP instead of DDP, listed first, is kept: DDP's own levers do not apply
                     overrides = {"parallel": {**together["parallel"], **{
                         k: v for k, v in overrides["parallel"].items() if v != options["parallel"].get(k)}}}
                 together.update(overrides)

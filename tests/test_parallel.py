@@ -24,7 +24,7 @@ try:
 except ImportError:
     HAS_FSDP2 = False
 
-needs_fsdp2 = pytest.mark.skipif(not HAS_FSDP2, reason="FSDP2 on a CPU mesh needs PyTorch 2.6 or later")
+needs_fsdp2 = pytest.mark.skipif(not HAS_FSDP2, reason="parallel= needs PyTorch 2.6 or later")
 
 
 class Two(nn.Module):
@@ -231,8 +231,10 @@ def test_other_refusals():
 
 @pytest.mark.skipif(HAS_FSDP2, reason="this PyTorch has FSDP2 on a CPU mesh")
 def test_old_pytorch_says_what_it_needs():
-    with pytest.raises(RuntimeError, match="needs PyTorch 2.6 or later"):
+    with pytest.raises(RuntimeError, match="FSDP2 on a CPU device mesh, which needs PyTorch 2.6 or later"):
         memtrace.report(Two(), (4, 10), device="cpu", parallel={"fsdp": 2})
+    with pytest.raises(RuntimeError, match="DDP on a fake process group, which needs PyTorch 2.6 or later"):
+        memtrace.report(Two(), (4, 10), device="cpu", parallel={"ddp": 2})
 
 
 @needs_fsdp2
@@ -250,3 +252,102 @@ def test_cli_fsdp(capsys):
     with pytest.raises(SystemExit):
         main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--replicate", "2"])
     assert "--replicate goes with --fsdp N" in capsys.readouterr().err
+
+
+# ---- DistributedDataParallel ----------------------------------------------------------------------------
+# DDP's reducer allocates flat gradient buckets at construction: one per dtype holding every parameter
+# until the first iteration has shown the order gradients arrive in; then it rebuilds them (before the
+# second forward) in that order, closing a bucket once it reaches the first bucket's 1 MiB, then each
+# bucket_cap_mb. Two(): 601 float32 parameters, 2,404 B.
+
+
+def ddp(model=None, shape=(4, 10), **kw):
+    torch.manual_seed(0)
+    return memtrace.report(model or Two(), shape, device="cpu", optimizer="sgd", steps=2,
+                           parallel={"ddp": 4, **kw})
+
+
+@needs_fsdp2
+def test_ddp_buckets_hold_a_copy_of_the_gradients():
+    r, alone = ddp(), memtrace.report(Two(), (4, 10), device="cpu", optimizer="sgd", steps=2)
+    buckets = [a for a in allocations(r, Category.COMMUNICATION) if a.op == "aten.empty.memory_format"]
+    assert [(a.requested_bytes, a.phase.value, a.iteration) for a in buckets] == [(2404, "setup", 0), (2404, "forward", 1)]
+    assert buckets[0].free_event is not None and buckets[1].free_event is None  # rebuilt before forward 2
+    assert r.peak_bytes - alone.peak_bytes == 2404  # one more copy of the gradients, all step long
+    assert r.world_size == 4 and r.ranks == (memtrace.RankPeak((0, 1, 2, 3), r.peak_bytes),)
+    assert "Every rank holds the same memory" in r.notes[0]
+    cuda = memtrace.report(Two(), (4, 10), optimizer="sgd", steps=2, parallel={"ddp": 4})
+    alone = memtrace.report(Two(), (4, 10), optimizer="sgd", steps=2)
+    assert cuda.peak_bytes - alone.peak_bytes == 2560  # the caching allocator's 512-byte blocks
+
+
+@needs_fsdp2
+def test_ddp_gradients_as_bucket_views():
+    r = ddp(gradient_as_bucket_view=True)
+    assert [a.op for a in allocations(r, Category.COMMUNICATION)] == ["aten.cat.default"]  # the broadcast at setup
+    # the bucket holds the gradients; each gradient autograd makes is copied in and freed
+    assert [a.requested_bytes for a in held(r, Category.GRADIENT)] == [2404]
+    assert r.peak_bytes < ddp().peak_bytes
+
+
+@needs_fsdp2
+def test_ddp_rebuilds_its_buckets_in_gradient_order():
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 1024))
+    r = ddp(model, (2, 1024), bucket_cap_mb=5)
+    # gradients arrive last layer first: [2.bias, 2.weight] pass the first bucket's 1 MiB; then
+    # [1.bias, 1.weight, 0.bias, 0.weight] pass 5 MiB
+    layer = 1024 * 1024 * 4 + 1024 * 4
+    first, *rebuilt = [a.requested_bytes for a in allocations(r, Category.COMMUNICATION)
+                       if a.op == "aten.empty.memory_format"]
+    assert first == 3 * layer and sorted(rebuilt) == [layer, 2 * layer]
+
+
+@needs_fsdp2
+def test_ddp_broadcasts_buffers_before_each_forward():
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.Linear(16, 2))
+    flat = 2 * 16 * 4  # running_mean and running_var, flattened into one tensor to broadcast
+    synced = [a for a in allocations(ddp(model), Category.COMMUNICATION, "forward") if a.op == "aten.cat.default"]
+    assert [a.requested_bytes for a in synced] == [flat, flat]
+    quiet = ddp(model, broadcast_buffers=False)
+    assert not [a for a in allocations(quiet, Category.COMMUNICATION, "forward") if a.op == "aten.cat.default"]
+    # at construction rank 0's parameters are broadcast to the others, flattened by dtype, and its buffers
+    # too unless broadcast_buffers=False
+    params = (10 * 16 + 16 + 16 * 2 + 16 * 2 + 2) * 4
+    assert [a.requested_bytes for a in allocations(quiet, Category.COMMUNICATION, "setup")][0] == params
+    assert [a.requested_bytes for a in allocations(ddp(model), Category.COMMUNICATION, "setup")][0] == params + flat
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("parallel, message", [
+    ({"ddp": 4, "fsdp": 2}, "DDP replicates the whole model on every rank"),
+    ({"ddp": 4, "bucket_cap_mb": 0}, "bucket_cap_mb=0 must be a positive number"),
+    ({"ddp": 4, "gradient_as_bucket_view": 1}, "must be True or False"),
+    ({"fsdp": 4, "bucket_cap_mb": 5}, "'bucket_cap_mb' is an option of DDP"),
+    ({"ddp": 4, "find_unused_parameters": True}, "parallel= has 'find_unused_parameters'"),
+])
+def test_bad_ddp_arguments_are_refused(parallel, message):
+    with pytest.raises(ValueError, match=message):
+        memtrace.report(Two(), (4, 10), device="cpu", parallel=parallel)
+
+
+@needs_fsdp2
+def test_a_plan_that_wraps_in_ddp_is_refused():
+    with pytest.raises(memtrace.TraceError, match=r"give parallel=\{'ddp': N, ...\} for DDP"):
+        memtrace.report(Two(), (4, 10), device="cpu", parallel=lambda m, mesh: nn.parallel.DistributedDataParallel(m),
+                        world_size=2)
+
+
+@needs_fsdp2
+def test_cli_ddp(capsys):
+    from memtrace.cli import main
+
+    assert main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--device", "cpu", "--ddp", "2",
+                 "--gradient-as-bucket-view", "--bucket-cap-mb", "10", "--no-levers"]) == 0
+    out = capsys.readouterr().out
+    assert "Rank 0 of 2 (DDP 2 (bucket_cap_mb=10.0, gradient_as_bucket_view=True))" in out
+    with pytest.raises(SystemExit):
+        main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--ddp", "2", "--fsdp", "2"])
+    assert "--ddp and --fsdp are two ways" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--gradient-as-bucket-view"])
+    assert "--gradient-as-bucket-view goes with --ddp N" in capsys.readouterr().err
