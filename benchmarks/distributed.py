@@ -55,6 +55,18 @@ def llama():
     return LlamaForCausalLM(cfg), {"inputs": {"input_ids": ids, "labels": ids}}
 
 
+def llama_tp():
+    """The same LLaMA with a vocabulary tensor parallel divides (4,000 rows)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=4000, max_position_embeddings=512,
+                      attn_implementation="eager")
+    torch.manual_seed(0)
+    ids = torch.zeros(4, 128, dtype=torch.long)
+    return LlamaForCausalLM(cfg), {"inputs": {"input_ids": ids, "labels": ids}}
+
+
 def mobilenet():
     import torchvision
 
@@ -62,7 +74,7 @@ def mobilenet():
     return torchvision.models.mobilenet_v3_large(num_classes=10), {"input_shape": (4, 3, 224, 224)}
 
 
-MODELS = {"llama": llama, "mobilenet_v3": mobilenet}
+MODELS = {"llama": llama, "llama_tp": llama_tp, "mobilenet_v3": mobilenet}
 
 
 def _mp(param_dtype="bfloat16", reduce_dtype="float32"):
@@ -89,6 +101,10 @@ CONFIGS = [
     ("ddp2", "mobilenet_v3", {"ddp": 2}, "sgd", False),
     ("ddp4 bucket view", "mobilenet_v3", {"ddp": 4, "gradient_as_bucket_view": True}, "sgd", False),
     ("ddp4 no buffer broadcast", "mobilenet_v3", {"ddp": 4, "broadcast_buffers": False}, "sgd", False),
+    ("tp2", "llama_tp", {"tp": 2}, "adamw", False),
+    ("tp4", "llama_tp", {"tp": 4}, "adamw", False),
+    ("fsdp2 x tp2", "llama_tp", {"fsdp": 2, "tp": 2}, "adamw", False),
+    ("fsdp2 x tp2 bf16 params", "llama_tp", {"fsdp": 2, "tp": 2, "mp_policy": _mp()}, "adamw", False),
 ]
 
 

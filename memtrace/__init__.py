@@ -138,12 +138,16 @@ def _parallel_report(model: torch.nn.Module, eager: torch.nn.Module, options) ->
     from .report import build_report
 
     spec = options.parallel
-    groups = rank_groups(eager, spec)
-    reports = [build_report(eager, options, trace(model, options, rank=g[0])) for g in groups]
+    first = trace(model, options, rank=0)
+    groups = rank_groups(first.shard_rows, spec)
+    traces = [first] + [trace(model, options, rank=g[0]) for g in groups[1:]]
+    reports = [build_report(eager, options, t) for t in traces]
     ranks = tuple(RankPeak(tuple(g), r.peak_bytes) for g, r in zip(groups, reports))
     top = max(range(len(groups)), key=lambda i: (reports[i].peak_bytes, -i))
-    code = ("plan code" if spec.plan is not None else "FSDP2 (fully_shard)" if spec.shards else
-            "DistributedDataParallel (its reducer's buckets, gradient copies and buffer broadcasts)")
+    code = ("plan code" if spec.plan is not None else
+            "DistributedDataParallel (its reducer's buckets, gradient copies and buffer broadcasts)" if not spec.shards
+            else " and ".join(([f"tensor parallel (parallelize_module, with {spec.tp_source})"] if spec.tp > 1 else [])
+                              + (["FSDP2 (fully_shard)"] if spec.fsdp * spec.replicate > 1 else [])))
     about = (f"Rank {groups[top][0]} of {spec.world_size} ({spec.describe()}), traced with PyTorch's own {code} on a "
              "fake process group: collectives complete at once and move no data.")
     if len(groups) > 1:
@@ -151,7 +155,7 @@ def _parallel_report(model: torch.nn.Module, eager: torch.nn.Module, options) ->
                   f"Ranks {describe_ranks(groups)} each hold the same memory.")
     if not spec.shards:
         about += " Every rank holds the same memory."
-    elif spec.plan is None:
+    elif spec.plan is None and spec.fsdp * spec.replicate > 1:
         units = len(spec.units)
         about += (f" fully_shard wraps {units} module{'s' if units != 1 else ''}"
                   + (f" ({spec.units[0]!r}{', ...' if units > 1 else ''})" if units else "") + " and the root.")

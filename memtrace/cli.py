@@ -226,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="FSDP2 MixedPrecisionPolicy param_dtype (the dtype parameters are gathered in)")
     par.add_argument("--mp-reduce-dtype", type=_dtype, metavar="DTYPE",
                      help="MixedPrecisionPolicy reduce_dtype (the dtype gradients are reduced in)")
+    par.add_argument("--tp", type=_positive, metavar="N",
+                     help="tensor parallel across N ranks (with --fsdp: N x the FSDP ranks), with the model's own "
+                          "plan (a Hugging Face model's) or --tp-plan")
+    par.add_argument("--tp-plan", metavar="JSON",
+                     help='the tensor-parallel plan: module name patterns to styles, e.g. '
+                          '\'{"layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"}\'')
     par.add_argument("--ddp", type=_positive, metavar="N",
                      help="DistributedDataParallel across N ranks (every rank holds the whole model)")
     par.add_argument("--bucket-cap-mb", type=float, metavar="MB",
@@ -487,6 +493,21 @@ def _parallel(args) -> dict | None:
     for flag, value in ddp_flags:
         if value:
             raise UsageError(f"{flag} goes with --ddp N")
+    tp: dict[str, Any] = {}
+    if args.tp is not None:
+        tp["tp"] = args.tp
+        if args.tp_plan:
+            try:
+                tp["tp_plan"] = json.loads(args.tp_plan)
+            except ValueError as exc:
+                raise UsageError(f"--tp-plan is not JSON: {exc}") from None
+    elif args.tp_plan:
+        raise UsageError("--tp-plan goes with --tp N")
+    if args.fsdp is None and tp:
+        for flag, value in (("--replicate", args.replicate), ("--fsdp-units", args.fsdp_units)):
+            if value:
+                raise UsageError(f"{flag} goes with --fsdp N")
+        return tp
     if args.fsdp is None:
         for flag, value in (("--replicate", args.replicate), ("--fsdp-units", args.fsdp_units),
                             ("--no-reshard-after-forward", args.no_reshard_after_forward),
@@ -504,7 +525,7 @@ def _parallel(args) -> dict | None:
     mp = {k: v for k, v in (("param_dtype", args.mp_param_dtype), ("reduce_dtype", args.mp_reduce_dtype)) if v}
     if mp:
         parallel["mp_policy"] = mp
-    return parallel
+    return {**parallel, **tp}
 
 
 def _answers(args, model, inputs, options, report, gpu) -> dict[str, Any]:

@@ -54,6 +54,7 @@ class Trace:
     op_count: int
     flops: dict = field(default_factory=dict)  # phase -> first iteration's FLOPs (matmuls, convolutions, attention)
     notes: tuple[str, ...] = ()  # what the target's rules say the prediction leaves out for this model
+    shard_rows: tuple[int, ...] = ()  # sharded: dim 0 of each parameter as FSDP shards it (after tensor parallel)
 
 
 def remember(table: dict[str, list[StorageRecord]], key: str, rec: StorageRecord | None) -> None:
@@ -364,6 +365,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
     grad_records: dict[str, list[StorageRecord]] = {}
     state_records: dict[str, list[StorageRecord]] = {}
     flops = tracker.flops = FlopCounter()
+    shard_rows: list[int] = []
 
     sharding_hooks = parallel.traced(tracker) if sharded else contextlib.nullcontext()
     with preserved_rng(), _quiet_fake_tensor_log(), fake_mode, tracker, _innermost_saved_tensors_hooks() as hooks, \
@@ -378,8 +380,8 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
         if sharded:
             try:
                 with tracker.hidden():  # nothing of the whole model is the rank's
-                    fake_model = parallel.apply(fake_model, options.parallel, mesh)
-            except (TraceError, NotImplementedError):
+                    fake_model = parallel.apply(fake_model, options.parallel, mesh, shard_rows)
+            except (TraceError, NotImplementedError, ValueError):
                 raise
             except Exception as exc:
                 raise TraceError(f"parallelizing {type(model).__name__} ({options.parallel.describe()}) failed: "
@@ -480,7 +482,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
         phase_starts=phase_starts, modules=infos, param_records=param_records, grad_records=grad_records,
         state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()},
         assumptions=tracker.assumptions, op_count=tracker.op_count, flops=flops.counts,
-        notes=tuple(about + tracker.notes + _upper_bound_note(tracker.assumptions)),
+        notes=tuple(about + tracker.notes + _upper_bound_note(tracker.assumptions)), shard_rows=tuple(shard_rows),
     )
 
 

@@ -22,12 +22,24 @@ from typing import Any
 import torch
 
 from .options import Category
+from .tracer import local
 
 _FSDP_KEYS = ("fsdp", "replicate", "reshard_after_forward", "mp_policy", "units")
 # DistributedDataParallel's keyword arguments that decide what a rank holds
 DDP_KEYS = ("bucket_cap_mb", "gradient_as_bucket_view", "broadcast_buffers")
-_KEYS = _FSDP_KEYS + ("tp", "ddp") + DDP_KEYS
-MESH_DIMS = ("replicate", "fsdp")
+_TP_KEYS = ("tp", "tp_plan")
+_KEYS = _FSDP_KEYS + _TP_KEYS + ("ddp",) + DDP_KEYS
+# Hugging Face's tensor-parallel plan names (a model's ``_tp_plan``, its config's ``base_model_tp_plan``), as
+# torch's ParallelStyle: (style, its keyword arguments, as placement names)
+HF_STYLES = {
+    "colwise": ("ColwiseParallel", {}),
+    "rowwise": ("RowwiseParallel", {}),
+    "colwise_rep": ("ColwiseParallel", {"output_layouts": "Replicate"}),
+    "colwise_gather_output": ("ColwiseParallel", {"output_layouts": "Replicate"}),
+    "rowwise_rep": ("RowwiseParallel", {"input_layouts": "Replicate"}),
+    "embedding_rowwise": ("RowwiseParallel", {"input_layouts": "Replicate"}),
+    "sequence_parallel": ("SequenceParallel", {}),
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +53,9 @@ class Parallel:
     units: tuple[str, ...] = ()  # the modules fully_shard wraps before the root (their names)
     plan: Callable | None = field(default=None, compare=False)  # the user's fn(model, mesh) -> model
     world: int = 1  # world size of a user's plan
+    tp: int = 1  # tensor parallel degree: the innermost mesh dimension
+    tp_plan: tuple[tuple[str, Any], ...] = field(default=(), compare=False)  # (module pattern, ParallelStyle)
+    tp_source: str = ""  # where the plan came from, for the report
     ddp: int = 1  # DistributedDataParallel over this many ranks (instead of FSDP)
     ddp_options: tuple[tuple[str, Any], ...] = ()  # DDP's keyword arguments (DDP_KEYS), as (name, value)
 
@@ -48,7 +63,7 @@ class Parallel:
     def world_size(self) -> int:
         if self.plan is not None:
             return self.world
-        return self.ddp if self.ddp > 1 else self.fsdp * self.replicate
+        return self.ddp if self.ddp > 1 else self.fsdp * self.replicate * self.tp
 
     @property
     def shards(self) -> bool:
@@ -59,9 +74,12 @@ class Parallel:
     def mesh_shape(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
         if self.plan is not None:
             return (self.world,), ("dp",)
-        if self.replicate > 1:
-            return (self.replicate, self.fsdp), MESH_DIMS
-        return (self.fsdp,), ("fsdp",)
+        dims = [("replicate", self.replicate)] if self.replicate > 1 else []
+        if self.fsdp > 1 or self.tp == 1:
+            dims.append(("fsdp", self.fsdp))
+        if self.tp > 1:
+            dims.append(("tp", self.tp))
+        return tuple(n for _, n in dims), tuple(d for d, _ in dims)
 
     def describe(self) -> str:
         if self.ddp > 1:
@@ -70,6 +88,8 @@ class Parallel:
         if self.plan is not None:
             return f"{getattr(self.plan, '__name__', type(self.plan).__name__)} over {self.world} ranks"
         text = f"HSDP {self.replicate} x FSDP {self.fsdp}" if self.replicate > 1 else f"FSDP {self.fsdp}"
+        if self.tp > 1:
+            text = f"TP {self.tp}" if self.fsdp * self.replicate == 1 else f"{text} x TP {self.tp}"
         extras = []
         if self.reshard_after_forward is not True:
             extras.append(f"reshard_after_forward={self.reshard_after_forward}")
@@ -145,9 +165,6 @@ def parse_parallel(parallel: Any, world_size: Any, model: torch.nn.Module) -> Pa
         close = difflib.get_close_matches(str(unknown[0]), _KEYS, n=2)
         hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
         raise ValueError(f"parallel= has {unknown[0]!r}{hint}; valid: {', '.join(_KEYS)}")
-    if "tp" in parallel and parallel["tp"] != 1:
-        raise NotImplementedError("parallel={'tp': ...}: tensor parallel is not predicted yet; FSDP2 ('fsdp', with "
-                                  "'replicate' for HSDP) and DDP ('ddp') are")
     if "ddp" in parallel and parallel["ddp"] != 1:
         return _parse_ddp(parallel, world_size)
     given = [k for k in DDP_KEYS if k in parallel]
@@ -156,10 +173,15 @@ def parse_parallel(parallel: Any, world_size: Any, model: torch.nn.Module) -> Pa
     _check_available()
     fsdp = _positive_int("fsdp", parallel.get("fsdp", 1))
     replicate = _positive_int("replicate", parallel.get("replicate", 1))
-    if fsdp * replicate == 1:
-        raise ValueError(f"parallel={dict(parallel)!r} describes one GPU; give 'fsdp' > 1 (or 'replicate' > 1)")
-    if world_size is not None and _positive_int("world_size", world_size) != fsdp * replicate:
-        raise ValueError(f"world_size={world_size} but parallel={dict(parallel)!r} spans {fsdp * replicate} ranks")
+    tp = _positive_int("tp", parallel.get("tp", 1))
+    if fsdp * replicate * tp == 1:
+        raise ValueError(f"parallel={dict(parallel)!r} describes one GPU; give 'fsdp' > 1 (or 'replicate', 'tp' > 1)")
+    if world_size is not None and _positive_int("world_size", world_size) != fsdp * replicate * tp:
+        raise ValueError(f"world_size={world_size} but parallel={dict(parallel)!r} spans {fsdp * replicate * tp} "
+                         "ranks")
+    if "tp_plan" in parallel and tp == 1:
+        raise ValueError("parallel= gives 'tp_plan' without 'tp': N > 1")
+    tp_plan, tp_source = _tp_plan(model, parallel.get("tp_plan")) if tp > 1 else ((), "")
     reshard = parallel.get("reshard_after_forward", True)
     if isinstance(reshard, bool):
         pass
@@ -176,7 +198,67 @@ def parse_parallel(parallel: Any, world_size: Any, model: torch.nn.Module) -> Pa
     else:
         units = _parse_units(model, units)
     return Parallel(fsdp=fsdp, replicate=replicate, reshard_after_forward=reshard,
-                    mp_policy=_mp_policy(parallel.get("mp_policy")), units=tuple(units))
+                    mp_policy=_mp_policy(parallel.get("mp_policy")), units=tuple(units), tp=tp, tp_plan=tp_plan,
+                    tp_source=tp_source)
+
+
+def _tp_plan(model: torch.nn.Module, given: Any) -> tuple[tuple[tuple[str, Any], ...], str]:
+    """The tensor-parallel plan: ``tp_plan=`` (module name patterns to torch ParallelStyles or Hugging Face
+    style names), else the plan a Hugging Face model carries; with where it came from."""
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    if given is not None:
+        if not isinstance(given, Mapping) or not given:
+            raise TypeError(f"parallel= tp_plan={given!r} must be a dict of module name patterns to ParallelStyles "
+                            "(ColwiseParallel(), RowwiseParallel(), ...) or style names ('colwise', 'rowwise', ...)")
+        plan, source = dict(given), "tp_plan="
+    else:
+        # a Hugging Face model's: its base model's (in the config) and its own (the head's), by module name
+        base = getattr(getattr(model, "config", None), "base_model_tp_plan", None) or {}
+        prefix = getattr(model, "base_model_prefix", "")
+        own = prefix if prefix and isinstance(getattr(model, prefix, None), torch.nn.Module) else ""
+        plan = {(f"{own}.{k}" if own else k): v for k, v in base.items()}
+        plan.update(getattr(model, "_tp_plan", None) or {})
+        source = f"{type(model).__name__}'s own tensor-parallel plan (Hugging Face's, as torch ParallelStyles)"
+        if not plan:
+            raise ValueError(f"parallel={{'tp': ...}}: {type(model).__name__} carries no tensor-parallel plan; give "
+                             "tp_plan={'module.pattern': 'colwise' | 'rowwise' | ParallelStyle, ...}")
+    names = [n for n, _ in model.named_modules() if n]
+    out = []
+    for pattern, style in plan.items():
+        if not any(_matches(n, pattern) for n in names):
+            import difflib
+
+            close = difflib.get_close_matches(pattern, names, n=2)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            raise ValueError(f"parallel= tp_plan names {pattern!r}, which matches no submodule of "
+                             f"{type(model).__name__}{hint}")
+        if isinstance(style, str):
+            style = _hf_style(pattern, style)
+        elif not isinstance(style, ParallelStyle):
+            raise TypeError(f"parallel= tp_plan[{pattern!r}]={style!r} must be a ParallelStyle or one of "
+                            f"{', '.join(HF_STYLES)}")
+        out.append((pattern, style))
+    return tuple(out), source
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """``name`` matches ``pattern`` atom by atom, as parallelize_module resolves a plan's keys."""
+    import fnmatch
+
+    atoms, parts = pattern.split("."), name.split(".")
+    return len(atoms) == len(parts) and all(fnmatch.fnmatch(p, a) for p, a in zip(parts, atoms))
+
+
+def _hf_style(pattern: str, name: str):
+    from torch.distributed import tensor as dtensor
+    from torch.distributed.tensor import parallel as tp
+
+    if name not in HF_STYLES:
+        raise ValueError(f"parallel= tp_plan[{pattern!r}]={name!r}: that style is not translated to torch's "
+                         f"ParallelStyles; known: {', '.join(HF_STYLES)}; give a ParallelStyle for it in tp_plan=")
+    cls, kwargs = HF_STYLES[name]
+    return getattr(tp, cls)(**{k: getattr(dtensor, v)() for k, v in kwargs.items()})
 
 
 def _parse_ddp(parallel: Mapping, world_size: Any) -> Parallel:
@@ -268,9 +350,10 @@ def device_mesh(spec: Parallel):
 
 
 # ---- applying the plan ---------------------------------------------------------------------------------
-def apply(model: torch.nn.Module, spec: Parallel, mesh) -> torch.nn.Module:
-    """Parallelize ``model`` (the fake copy) in place as the user's trainer would: their plan, or
-    ``fully_shard`` on each unit and then on the root."""
+def apply(model: torch.nn.Module, spec: Parallel, mesh, rows: list[int] | None = None) -> torch.nn.Module:
+    """Parallelize ``model`` (the fake copy) in place as the user's trainer would: their plan, or tensor
+    parallel and then ``fully_shard`` on each unit and on the root. ``rows`` gets dim 0 of each parameter
+    as FSDP shards it (``rank_groups``)."""
     if spec.plan is not None:
         def refuse(own):
             def init(*args, **kwargs):
@@ -284,16 +367,25 @@ def apply(model: torch.nn.Module, spec: Parallel, mesh) -> torch.nn.Module:
         if not isinstance(out, torch.nn.Module):
             raise TypeError(f"parallel= {spec.describe()} returned {type(out).__name__}, expected the model (or None)")
         return out
+    if spec.tp > 1:
+        _tensor_parallel(model, spec, mesh["tp"])
+    if rows is not None:
+        rows.extend(local(p).shape[0] for p in model.parameters() if p.dim() > 0)
+    if spec.fsdp * spec.replicate == 1:
+        return model
     from torch.distributed.fsdp import fully_shard
 
+    if spec.tp > 1:
+        mesh = mesh[tuple(d for d in mesh.mesh_dim_names if d != "tp")]
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": spec.reshard_after_forward}
     if spec.mp_policy is not None:
         kwargs["mp_policy"] = spec.mp_policy
     modules = dict(model.named_modules())
     try:
-        for name in sorted(spec.units, key=lambda n: -n.count(".")):  # a unit inside another first
-            fully_shard(modules[name], **kwargs)
-        fully_shard(model, **kwargs)
+        with _RealTensorOps():  # the 2-D mesh FSDP2 builds from the TP mesh and its own
+            for name in sorted(spec.units, key=lambda n: -n.count(".")):  # a unit inside another first
+                fully_shard(modules[name], **kwargs)
+            fully_shard(model, **kwargs)
     except RuntimeError as exc:
         if "requires CUDA" in str(exc):
             raise RuntimeError(f"this PyTorch ({torch.__version__}) runs FSDP2 on CUDA only; parallel= traces it on a "
@@ -357,14 +449,19 @@ class _Reducer:
         setattr(self._reducer, name, value)
 
     def _rebuild_buckets(self) -> bool:
-        with _RealIndexTensors():
+        with _RealTensorOps(integer_factories=True):
             return self._reducer._rebuild_buckets()
 
 
-class _RealIndexTensors(torch.utils._python_dispatch.TorchDispatchMode):
-    """Integer tensors made from nothing, and every op on real tensors only, run for real: the reducer
-    writes and reads the bucket indices it exchanges through their data. Everything else goes on to the
-    fake mode and the tracker (the new buckets among it)."""
+class _RealTensorOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Ops on real tensors only run for real (a device mesh's rank tensor, whose coordinates FSDP2 computes
+    for a 2-D mesh), and with ``integer_factories`` integer tensors made from nothing too (the reducer
+    writes and reads the bucket indices it exchanges through their data). Everything else goes on to the
+    fake mode and the tracker."""
+
+    def __init__(self, integer_factories: bool = False):
+        super().__init__()
+        self.integer_factories = integer_factories
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch._subclasses.fake_tensor import FakeTensor
@@ -374,11 +471,32 @@ class _RealIndexTensors(torch.utils._python_dispatch.TorchDispatchMode):
         kwargs = kwargs or {}
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         real = (not any(isinstance(t, FakeTensor) for t in tensors) if tensors
-                else kwargs.get("dtype") in (torch.int32, torch.int64))
+                else self.integer_factories and kwargs.get("dtype") in (torch.int32, torch.int64))
         if real:
             with _disable_current_modes():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _tensor_parallel(model: torch.nn.Module, spec: Parallel, mesh) -> None:
+    """``parallelize_module`` with the plan; every dimension it shards must divide by the TP degree (ranks
+    would otherwise hold different shards, and only one rank of a TP group is traced)."""
+    import warnings
+
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import parallelize_module
+    from torch.distributed.tensor.placement_types import Shard
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*could not be resolved.*")
+        parallelize_module(model, mesh, dict(spec.tp_plan))
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            for placement in p.placements:
+                if isinstance(placement, Shard) and p.shape[placement.dim] % spec.tp:
+                    raise ValueError(f"tp={spec.tp} does not divide dim {placement.dim} of {name} "
+                                     f"({list(p.shape)}): its ranks would hold different shards; give a tp that "
+                                     "divides it, or a tp_plan that leaves that module whole")
 
 
 # optimizers whose every op is elementwise over a parameter and its own state
@@ -463,9 +581,16 @@ def op_rules() -> dict:
                 tracker.mark_role(t, Category.COMMUNICATION)
         return func(*args, **kwargs)
 
+    def wrap_for_autograd(tracker, func, args, kwargs):
+        # a functional collective's result wrapped for autograd: in a real run the same storage, not a view
+        # (AsyncCollectiveTensor(input)); its fake implementation allocates a new tensor (empty_like).
+        # Under the dispatch modes autograd is already handled: detach shares the storage, as no view does
+        return torch.ops.aten.detach.default(args[0] if args else kwargs["input"])
+
     for packet, rule in ((getattr(ops, "all_gather_copy_in", None), communication),
                          (getattr(ops, "chunk_cat", None), reduce_scatter_input),
-                         (getattr(torch.ops.c10d, "broadcast_", None), broadcast)):
+                         (getattr(torch.ops.c10d, "broadcast_", None), broadcast),
+                         (getattr(torch.ops._c10d_functional, "_wrap_tensor_autograd", None), wrap_for_autograd)):
         if packet is not None:
             for overload in packet.overloads():
                 rules[getattr(packet, overload)] = rule
@@ -543,20 +668,21 @@ def _eager_collectives():
 
 
 # ---- which ranks differ --------------------------------------------------------------------------------
-def rank_groups(model: torch.nn.Module, spec: Parallel) -> list[list[int]]:
+def rank_groups(rows: tuple[int, ...], spec: Parallel) -> list[list[int]]:
     """The ranks, grouped by the local sizes of every sharded parameter (ranks with the same sizes hold the
-    same memory), each group's first rank first; rank 0's group first."""
+    same memory), each group's first rank first; rank 0's group first. ``rows``: dim 0 of each parameter as
+    FSDP shards it (``apply``); tensor-parallel ranks hold the same sizes (``_tensor_parallel`` checks)."""
     if spec.plan is not None or not spec.shards:  # a plan's own sharding is not known; DDP replicates
         return [list(range(spec.world_size))]
-    fsdp = spec.fsdp
-    dims = [p.shape[0] for p in model.parameters() if p.dim() > 0]
+    fsdp, tp = spec.fsdp, spec.tp
     by_sizes: dict[tuple, list[int]] = {}
     for shard in range(fsdp):
-        sizes = tuple(_chunk_rows(d, fsdp, shard) for d in dims)
+        sizes = tuple(_chunk_rows(d, fsdp, shard) for d in rows)
         by_sizes.setdefault(sizes, []).append(shard)
     groups = []
-    for shards in by_sizes.values():  # every replica holds the same shard as its FSDP rank
-        groups.append(sorted(r * fsdp + s for r in range(spec.replicate) for s in shards))
+    for shards in by_sizes.values():  # every replica and TP rank holds the same shard as its FSDP rank
+        groups.append(sorted((r * fsdp + s) * tp + t for r in range(spec.replicate) for s in shards
+                             for t in range(tp)))
     return sorted(groups, key=lambda g: g[0])
 
 

@@ -206,7 +206,20 @@ def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any]
         if parallel.get("mp_policy") is None and s["dtype"] == "float32" and s["amp"] == "off":
             out.append(("FSDP bf16 parameters (MixedPrecisionPolicy)", {"parallel": {
                 **parallel, "mp_policy": {"param_dtype": "bfloat16", "reduce_dtype": "float32"}}}))
+        if parallel.get("tp", 1) == 1 and n % 2 == 0 and _has_tp_plan(model):
+            out.append((f"add tensor parallel (FSDP {n // 2} x TP 2, the same {n} ranks)",
+                        {"parallel": {**parallel, "fsdp": n // 2, "tp": 2}}))
     return out
+
+
+def _changed(parallel: Mapping[str, Any], given: Mapping[str, Any]) -> set[str]:
+    return {k for k, v in parallel.items() if v != given.get(k)}
+
+
+def _has_tp_plan(model: torch.nn.Module) -> bool:
+    """A model that carries a tensor-parallel plan (a Hugging Face model's)."""
+    return bool(getattr(model, "_tp_plan", None)
+                or getattr(getattr(model, "config", None), "base_model_tp_plan", None))
 
 
 def _is_ddp(parallel: Mapping[str, Any]) -> bool:
@@ -258,9 +271,16 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
         given = batched.batch_size
         add(f"batch {given} → {largest.batch_size}", {"batch_size": largest.batch_size}, largest.report)
         _accumulation_lever(model, batched, options, mem, largest.batch_size, add)
-    candidates = _candidates(model, base, options)
-    for label, overrides in candidates:
-        add(label, overrides, report(model, **batched.at(batched.batch_size), **_apply(options, overrides)))
+    candidates = []
+    for label, overrides in _candidates(model, base, options):
+        try:
+            r = report(model, **batched.at(batched.batch_size), **_apply(options, overrides))
+        except ValueError:
+            if "tp" not in overrides.get("parallel", {}):
+                raise
+            continue  # the model's dimensions do not divide by the tensor-parallel degree: not a lever for it
+        add(label, overrides, r)
+        candidates.append((label, overrides))
     if len(candidates) > 1 and not any(lv.fits for lv in found[1 if largest.fits else 0:]):
         together: dict[str, Any] = {}
         used = []
@@ -269,6 +289,9 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
                 if "parallel" in together and "parallel" in overrides:  # the sharding levers combine
                     if _is_ddp(together["parallel"]) != _is_ddp(overrides["parallel"]):
                         continue  # FSDP instead of DDP, listed first, is kept: DDP's own levers do not apply
+                    if _changed(together["parallel"], options["parallel"]) & _changed(overrides["parallel"],
+                                                                                     options["parallel"]):
+                        continue  # both change the same setting (shard wider; add tensor parallel)
                     overrides = {"parallel": {**together["parallel"], **{
                         k: v for k, v in overrides["parallel"].items() if v != options["parallel"].get(k)}}}
                 together.update(overrides)

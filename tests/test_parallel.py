@@ -225,7 +225,7 @@ def test_other_refusals():
         memtrace.measure(Two(), (4, 10), device="cpu", parallel={"fsdp": 2})
     with pytest.raises(ValueError, match="parallel= predicts a training step"):
         memtrace.report(Two(), (4, 10), device="cpu", parallel={"fsdp": 2}, train=False)
-    with pytest.raises(NotImplementedError, match="tensor parallel is not predicted yet"):
+    with pytest.raises(ValueError, match="Two carries no tensor-parallel plan; give tp_plan="):
         memtrace.report(Two(), (4, 10), device="cpu", parallel={"fsdp": 2, "tp": 2})
 
 
@@ -351,3 +351,77 @@ def test_cli_ddp(capsys):
     with pytest.raises(SystemExit):
         main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--gradient-as-bucket-view"])
     assert "--gradient-as-bucket-view goes with --ddp N" in capsys.readouterr().err
+
+
+# ---- tensor parallel --------------------------------------------------------------------------------------
+# parallelize_module with the plan: ColwiseParallel shards a Linear's weight and bias on dim 0,
+# RowwiseParallel its weight on dim 1 (the bias is replicated) and all-reduces its output.
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+MLP_PLAN = {"up": "colwise", "down": "rowwise"}
+
+
+@needs_fsdp2
+def test_tensor_parallel_shards_columns_then_rows():
+    r = memtrace.report(Mlp(), (4, 16), device="cpu", optimizer="sgd", steps=1,
+                        parallel={"tp": 2, "tp_plan": MLP_PLAN})
+    # up.weight 16 x 16, up.bias 16, down.weight 8 x 16, down.bias 8 (whole)
+    assert [a.requested_bytes for a in held(r, Category.PARAMETER)] == [1024, 64, 512, 32]
+    assert sorted(a.requested_bytes for a in allocations(r, Category.GRADIENT)) == [32, 64, 512, 1024]
+    # the row-parallel output is all-reduced out of place: a [4, 8] copy, the input's wrapper no copy
+    reduced = [a for a in r.allocations if a.op == "_c10d_functional.all_reduce.default" and a.phase.value == "forward"]
+    assert [a.requested_bytes for a in reduced] == [4 * 8 * 4]
+    assert not [a for a in r.allocations if "_wrap_tensor_autograd" in a.op]
+    assert "Rank 0 of 2 (TP 2)" in r.notes[0] and "tp_plan=" in r.notes[0]
+
+
+@needs_fsdp2
+def test_tensor_parallel_with_fsdp_and_a_models_own_plan():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, attn_implementation="eager")
+    torch.manual_seed(0)
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    alone = memtrace.report(LlamaForCausalLM(cfg), inputs={"input_ids": ids, "labels": ids}, device="cpu",
+                            parallel={"fsdp": 4})
+    both = memtrace.report(LlamaForCausalLM(cfg), inputs={"input_ids": ids, "labels": ids}, device="cpu",
+                           parallel={"fsdp": 2, "tp": 2})
+    assert both.world_size == 4 and both.ranks == (memtrace.RankPeak((0, 1, 2, 3), both.peak_bytes),)
+    assert "LlamaForCausalLM's own tensor-parallel plan" in both.notes[0]
+    rows = {name: {row.name: row.param_bytes for row in r.layers} for name, r in (("alone", alone), ("both", both))}
+    # q_proj 64 x 64: 16 rows a rank either way; the final norm (64) is whole on each TP rank, halved by FSDP
+    assert rows["alone"]["model.layers.0.self_attn.q_proj"] == rows["both"]["model.layers.0.self_attn.q_proj"] == 4096
+    assert (rows["alone"]["model.norm"], rows["both"]["model.norm"]) == (16 * 4, 32 * 4)
+
+
+@needs_fsdp2
+@pytest.mark.parametrize("parallel, message", [
+    ({"tp": 3, "tp_plan": MLP_PLAN}, r"tp=3 does not divide dim 0 of up.weight \(\[32, 16\]\)"),
+    ({"tp": 2, "tp_plan": {"upp": "colwise"}}, "'upp', which matches no submodule of Mlp \\(did you mean 'up'"),
+    ({"tp": 2, "tp_plan": {"up": "diagonal"}}, "'diagonal': that style is not translated"),
+    ({"fsdp": 2, "tp_plan": MLP_PLAN}, "'tp_plan' without 'tp'"),
+])
+def test_bad_tensor_parallel_plans_are_refused(parallel, message):
+    with pytest.raises(ValueError, match=message):
+        memtrace.report(Mlp(), (4, 16), device="cpu", parallel=parallel)
+
+
+@needs_fsdp2
+def test_cli_tp(capsys):
+    from memtrace.cli import main
+
+    assert main(["tests.test_parallel:Mlp", "--input-shape", "4,16", "--device", "cpu", "--tp", "2", "--fsdp", "2",
+                 "--tp-plan", '{"up": "colwise", "down": "rowwise"}', "--no-levers"]) == 0
+    assert "Rank 0 of 4 (FSDP 2 x TP 2)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["tests.test_parallel:Mlp", "--input-shape", "4,16", "--tp-plan", "{}"])
+    assert "--tp-plan goes with --tp N" in capsys.readouterr().err
