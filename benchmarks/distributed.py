@@ -101,6 +101,8 @@ CONFIGS = [
     ("ddp2", "mobilenet_v3", {"ddp": 2}, "sgd", False),
     ("ddp4 bucket view", "mobilenet_v3", {"ddp": 4, "gradient_as_bucket_view": True}, "sgd", False),
     ("ddp4 no buffer broadcast", "mobilenet_v3", {"ddp": 4, "broadcast_buffers": False}, "sgd", False),
+    ("ddp4 + ZeRO-1", "llama", {"ddp": 4, "zero": 1}, "adamw", False),
+    ("ddp2 + ZeRO-1", "mobilenet_v3", {"ddp": 2, "zero": 1}, "adamw", False),
     ("tp2", "llama_tp", {"tp": 2}, "adamw", False),
     ("tp4", "llama_tp", {"tp": 4}, "adamw", False),
     ("fsdp2 x tp2", "llama_tp", {"fsdp": 2, "tp": 2}, "adamw", False),
@@ -142,7 +144,7 @@ def _rank_main(rank: int, world: int, model_name: str, parallel: dict, optimizer
 
     from memtrace.measure import _real_input, materialise
     from memtrace.options import parse_options
-    from memtrace.parallel import apply, device_mesh
+    from memtrace.parallel import apply, device_mesh, zero_redundancy
     from memtrace.step import build_optimizer, run_steps
 
     torch.set_num_threads(1)
@@ -171,7 +173,10 @@ def _rank_main(rank: int, world: int, model_name: str, parallel: dict, optimizer
                 real_model.train()
                 wrapped = torch.nn.parallel.DistributedDataParallel(real_model, **dict(spec.ddp_options))
                 del real_model
-            optimizer_ = build_optimizer(options, list(wrapped.parameters()))
+            if spec.zero:
+                optimizer_ = zero_redundancy(options, list(wrapped.parameters()), lambda opt: None)
+            else:
+                optimizer_ = build_optimizer(options, list(wrapped.parameters()))
             run_steps(wrapped, options, lambda: options.inputs.build(_real_input), optimizer_, None, "cpu")
             del wrapped, optimizer_
         peak = _peak(prof)

@@ -139,21 +139,25 @@ def _parallel_report(model: torch.nn.Module, eager: torch.nn.Module, options) ->
 
     spec = options.parallel
     first = trace(model, options, rank=0)
-    groups = rank_groups(first.shard_rows, spec)
+    groups = rank_groups(first.shard_rows, spec, first.rank_keys)
     traces = [first] + [trace(model, options, rank=g[0]) for g in groups[1:]]
     reports = [build_report(eager, options, t) for t in traces]
     ranks = tuple(RankPeak(tuple(g), r.peak_bytes) for g, r in zip(groups, reports))
     top = max(range(len(groups)), key=lambda i: (reports[i].peak_bytes, -i))
     code = ("plan code" if spec.plan is not None else
-            "DistributedDataParallel (its reducer's buckets, gradient copies and buffer broadcasts)" if not spec.shards
+            "DistributedDataParallel (its reducer's buckets, gradient copies and buffer broadcasts)"
+            + (" and ZeroRedundancyOptimizer" if spec.zero else "") if not spec.shards
             else " and ".join(([f"tensor parallel (parallelize_module, with {spec.tp_source})"] if spec.tp > 1 else [])
                               + (["FSDP2 (fully_shard)"] if spec.fsdp * spec.replicate > 1 else [])))
     about = (f"Rank {groups[top][0]} of {spec.world_size} ({spec.describe()}), traced with PyTorch's own {code} on a "
              "fake process group: collectives complete at once and move no data.")
     if len(groups) > 1:
-        about += (f" Ranks hold different shards (uneven dimensions); the rank with the largest peak is shown. "
-                  f"Ranks {describe_ranks(groups)} each hold the same memory.")
-    if not spec.shards:
+        why = "different optimizer state (ZeroRedundancyOptimizer's partition)" if spec.zero else \
+            "different shards (uneven dimensions)"
+        about += f" Ranks hold {why}; the rank with the largest peak is shown."
+        if any(len(g) > 1 for g in groups):
+            about += f" Ranks {describe_ranks(groups)} each hold the same memory."
+    if not spec.shards and len(groups) == 1:
         about += " Every rank holds the same memory."
     elif spec.plan is None and spec.fsdp * spec.replicate > 1:
         units = len(spec.units)

@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="DDP's gradient_as_bucket_view: the gradients are views of its buckets")
     par.add_argument("--no-broadcast-buffers", action="store_true",
                      help="DDP's broadcast_buffers=False: no broadcast of the module's buffers before each forward")
+    par.add_argument("--zero", type=int, choices=(1,), metavar="1",
+                     help="with --ddp: ZeRO stage 1, the optimizer state sharded across the ranks "
+                          "(ZeroRedundancyOptimizer)")
     ask = p.add_argument_group("questions (each adds a table; the limit is --budget, else --gpu's usable memory)")
     ask.add_argument("--max-batch", action="store_true",
                      help="the largest batch size that fits (the search starts at --batch-size)")
@@ -478,7 +481,7 @@ def _predict(args, built) -> int:
 def _parallel(args) -> dict | None:
     """``parallel=`` from the sharding flags, or None."""
     ddp_flags = (("--bucket-cap-mb", args.bucket_cap_mb), ("--gradient-as-bucket-view", args.gradient_as_bucket_view),
-                 ("--no-broadcast-buffers", args.no_broadcast_buffers))
+                 ("--no-broadcast-buffers", args.no_broadcast_buffers), ("--zero", args.zero))
     if args.ddp is not None:
         if args.fsdp is not None:
             raise UsageError("--ddp and --fsdp are two ways to train on N ranks; for FSDP groups replicated across "
@@ -486,7 +489,8 @@ def _parallel(args) -> dict | None:
         parallel: dict[str, Any] = {"ddp": args.ddp}
         for key, value in (("bucket_cap_mb", args.bucket_cap_mb), ("gradient_as_bucket_view",
                                                                     args.gradient_as_bucket_view or None),
-                           ("broadcast_buffers", False if args.no_broadcast_buffers else None)):
+                           ("broadcast_buffers", False if args.no_broadcast_buffers else None),
+                           ("zero", args.zero)):
             if value is not None:
                 parallel[key] = value
         return parallel

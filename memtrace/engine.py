@@ -55,6 +55,7 @@ class Trace:
     flops: dict = field(default_factory=dict)  # phase -> first iteration's FLOPs (matmuls, convolutions, attention)
     notes: tuple[str, ...] = ()  # what the target's rules say the prediction leaves out for this model
     shard_rows: tuple[int, ...] = ()  # sharded: dim 0 of each parameter as FSDP shards it (after tensor parallel)
+    rank_keys: tuple = ()  # what each rank holds, where the trace knows it for every rank (ZeRO's partitions)
 
 
 def remember(table: dict[str, list[StorageRecord]], key: str, rec: StorageRecord | None) -> None:
@@ -420,7 +421,11 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
             handles += [p.register_post_accumulate_grad_hook(on_grad) for p in params.values() if p.requires_grad]
         with tracker.hidden():
             stepped = parallel.local_shards(params, options) if sharded else None
-        if stepped is None:
+        rank_keys: tuple = ()
+        if replicated and options.parallel.zero and options.optimizer is not None:
+            optimizer = parallel.zero_redundancy(options, list(params.values()), target.prepare_optimizer)
+            rank_keys = parallel.zero_rank_keys(optimizer)
+        elif stepped is None:
             optimizer = build_optimizer(options, list(params.values()), target.prepare_optimizer)
         else:  # an elementwise optimizer over the rank's shards (parallel.local_shards says why)
             optimizer = build_optimizer(options, list(stepped.values()), target.prepare_optimizer)
@@ -483,6 +488,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
         state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()},
         assumptions=tracker.assumptions, op_count=tracker.op_count, flops=flops.counts,
         notes=tuple(about + tracker.notes + _upper_bound_note(tracker.assumptions)), shard_rows=tuple(shard_rows),
+        rank_keys=rank_keys,
     )
 
 
@@ -503,6 +509,7 @@ def _upper_bound_note(choices) -> list[str]:
 
 def _mark_optimizer_states(tracker: StorageTracker, target: Target, optimizer: torch.optim.Optimizer):
     """Classify each optimizer state tensor not classified yet; yields (parameter, its state's record)."""
+    optimizer = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer: the rank's own optimizer
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():

@@ -26,7 +26,7 @@ from .tracer import local
 
 _FSDP_KEYS = ("fsdp", "replicate", "reshard_after_forward", "mp_policy", "units")
 # DistributedDataParallel's keyword arguments that decide what a rank holds
-DDP_KEYS = ("bucket_cap_mb", "gradient_as_bucket_view", "broadcast_buffers")
+DDP_KEYS = ("bucket_cap_mb", "gradient_as_bucket_view", "broadcast_buffers", "zero")
 _TP_KEYS = ("tp", "tp_plan")
 _KEYS = _FSDP_KEYS + _TP_KEYS + ("ddp",) + DDP_KEYS
 # Hugging Face's tensor-parallel plan names (a model's ``_tp_plan``, its config's ``base_model_tp_plan``), as
@@ -58,6 +58,7 @@ class Parallel:
     tp_source: str = ""  # where the plan came from, for the report
     ddp: int = 1  # DistributedDataParallel over this many ranks (instead of FSDP)
     ddp_options: tuple[tuple[str, Any], ...] = ()  # DDP's keyword arguments (DDP_KEYS), as (name, value)
+    zero: bool = False  # ZeroRedundancyOptimizer over the DDP ranks (ZeRO stage 1)
 
     @property
     def world_size(self) -> int:
@@ -84,7 +85,8 @@ class Parallel:
     def describe(self) -> str:
         if self.ddp > 1:
             extras = ", ".join(f"{k}={v}" for k, v in self.ddp_options)
-            return f"DDP {self.ddp}" + (f" ({extras})" if extras else "")
+            return (f"DDP {self.ddp}" + (" + ZeroRedundancyOptimizer" if self.zero else "")
+                    + (f" ({extras})" if extras else ""))
         if self.plan is not None:
             return f"{getattr(self.plan, '__name__', type(self.plan).__name__)} over {self.world} ranks"
         text = f"HSDP {self.replicate} x FSDP {self.fsdp}" if self.replicate > 1 else f"FSDP {self.fsdp}"
@@ -272,8 +274,14 @@ def _parse_ddp(parallel: Mapping, world_size: Any) -> Parallel:
         raise ValueError(f"world_size={world_size} but parallel={dict(parallel)!r} spans {ddp} ranks")
     _check_available("DDP on a fake process group")
     chosen = []
+    zero = parallel.get("zero", 0)
+    if zero not in (0, 1) or isinstance(zero, bool):
+        raise ValueError(f"parallel= zero={zero!r}: 1 is ZeRO stage 1, the optimizer state sharded across the DDP "
+                         "ranks (torch's ZeroRedundancyOptimizer); stages 2 and 3 are what FSDP2 does: "
+                         "{'fsdp': N, 'reshard_after_forward': False} shards gradients too, and with True the "
+                         "parameters as well (DeepSpeed's own engine is not traced)")
     for key in DDP_KEYS:
-        if key not in parallel:
+        if key not in parallel or key == "zero":
             continue
         value = parallel[key]
         if key == "bucket_cap_mb":
@@ -282,7 +290,7 @@ def _parse_ddp(parallel: Mapping, world_size: Any) -> Parallel:
         elif not isinstance(value, bool):
             raise ValueError(f"parallel= {key}={value!r} must be True or False")
         chosen.append((key, value))
-    return Parallel(ddp=ddp, ddp_options=tuple(chosen))
+    return Parallel(ddp=ddp, ddp_options=tuple(chosen), zero=zero == 1)
 
 
 def _parse_units(model: torch.nn.Module, units: Any) -> tuple[str, ...]:
@@ -434,6 +442,26 @@ def wrap_ddp(model: torch.nn.Module, spec: Parallel, tracker) -> torch.nn.Module
     ddp.register_comm_hook(None, allreduce)
     ddp.reducer = _Reducer(ddp.reducer)
     return ddp
+
+
+def zero_redundancy(options, params: list[torch.Tensor], prepare) -> torch.optim.Optimizer:
+    """torch's ZeroRedundancyOptimizer around the optimizer: each rank steps the parameters assigned to it
+    (greedily, largest first, to the rank holding the fewest elements) and broadcasts them to the others."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if not isinstance(options.optimizer, type):
+        raise ValueError("parallel= zero=1 wraps an optimizer class in ZeroRedundancyOptimizer; give optimizer= a "
+                         f"class or a name, not {options.optimizer!r}")
+    optimizer = ZeroRedundancyOptimizer(params, optimizer_class=options.optimizer, **options.optimizer_kwargs)
+    prepare(optimizer.optim)
+    return optimizer
+
+
+def zero_rank_keys(optimizer) -> tuple:
+    """For each rank, the shapes and dtypes of the parameters ZeroRedundancyOptimizer assigns it: ranks
+    with the same hold the same memory."""
+    return tuple(tuple((tuple(p.shape), p.dtype) for group in per_rank for p in group["params"])
+                 for per_rank in optimizer._partition_parameters())
 
 
 class _Reducer:
@@ -668,10 +696,16 @@ def _eager_collectives():
 
 
 # ---- which ranks differ --------------------------------------------------------------------------------
-def rank_groups(rows: tuple[int, ...], spec: Parallel) -> list[list[int]]:
+def rank_groups(rows: tuple[int, ...], spec: Parallel, keys: tuple = ()) -> list[list[int]]:
     """The ranks, grouped by the local sizes of every sharded parameter (ranks with the same sizes hold the
     same memory), each group's first rank first; rank 0's group first. ``rows``: dim 0 of each parameter as
-    FSDP shards it (``apply``); tensor-parallel ranks hold the same sizes (``_tensor_parallel`` checks)."""
+    FSDP shards it (``apply``); tensor-parallel ranks hold the same sizes (``_tensor_parallel`` checks).
+    ``keys``: what each rank holds, where it is known per rank (``zero_rank_keys``)."""
+    if keys:
+        by_key: dict[Any, list[int]] = {}
+        for rank, key in enumerate(keys):
+            by_key.setdefault(key, []).append(rank)
+        return sorted(by_key.values(), key=lambda g: g[0])
     if spec.plan is not None or not spec.shards:  # a plan's own sharding is not known; DDP replicates
         return [list(range(spec.world_size))]
     fsdp, tp = spec.fsdp, spec.tp

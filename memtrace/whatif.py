@@ -195,6 +195,9 @@ def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any]
     if isinstance(parallel, Mapping) and parallel.get("ddp", 1) > 1:
         n = parallel["ddp"]
         out.append((f"FSDP instead of DDP (shard across the {n} ranks)", {"parallel": {"fsdp": n}}))
+        if not parallel.get("zero") and s["optimizer"] not in ("SGD", "none"):
+            out.append(("ZeRO-1 (ZeroRedundancyOptimizer: the optimizer state sharded)",
+                        {"parallel": {**parallel, "zero": 1}}))
         if not parallel.get("gradient_as_bucket_view"):
             out.append(("DDP gradient_as_bucket_view (gradients in the buckets, no copy)",
                         {"parallel": {**parallel, "gradient_as_bucket_view": True}}))

@@ -342,9 +342,9 @@ def test_cli_ddp(capsys):
     from memtrace.cli import main
 
     assert main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--device", "cpu", "--ddp", "2",
-                 "--gradient-as-bucket-view", "--bucket-cap-mb", "10", "--no-levers"]) == 0
+                 "--gradient-as-bucket-view", "--bucket-cap-mb", "10", "--zero", "1", "--no-levers"]) == 0
     out = capsys.readouterr().out
-    assert "Rank 0 of 2 (DDP 2 (bucket_cap_mb=10.0, gradient_as_bucket_view=True))" in out
+    assert "of 2 (DDP 2 + ZeroRedundancyOptimizer (bucket_cap_mb=10.0, gradient_as_bucket_view=True))" in out
     with pytest.raises(SystemExit):
         main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--ddp", "2", "--fsdp", "2"])
     assert "--ddp and --fsdp are two ways" in capsys.readouterr().err
@@ -425,3 +425,29 @@ def test_cli_tp(capsys):
     with pytest.raises(SystemExit):
         main(["tests.test_parallel:Mlp", "--input-shape", "4,16", "--tp-plan", "{}"])
     assert "--tp-plan goes with --tp N" in capsys.readouterr().err
+
+
+@needs_fsdp2
+def test_zero_redundancy_optimizer_shards_the_state_greedily():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 4))
+    r = memtrace.report(model, (8, 64), device="cpu", optimizer="sgd", optimizer_kwargs={"momentum": 0.9},
+                        steps=2, parallel={"ddp": 4, "zero": 1})
+    # largest first, each to the rank holding the fewest elements: 0.weight (4,096) to rank 0, 1.weight to
+    # rank 1, 2.weight to rank 2, and the five small ones (180 elements) to rank 3
+    assert [g.ranks for g in r.ranks] == [(0,), (1,), (2,), (3,)] and r.rank == 0
+    assert [a.requested_bytes for a in held(r, Category.OPTIMIZER_STATE)] == [64 * 64 * 4]
+    assert [g.peak_bytes for g in r.ranks] == sorted((g.peak_bytes for g in r.ranks), reverse=True)
+    assert "ZeroRedundancyOptimizer's partition" in r.notes[0]
+    with pytest.raises(ValueError, match="stages 2 and 3 are what FSDP2 does"):
+        memtrace.report(model, (8, 64), device="cpu", parallel={"ddp": 4, "zero": 3})
+
+
+@needs_fsdp2
+def test_ddp_levers():
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
+    result = memtrace.levers(model, (2, 256), limit="600 KiB", device="cpu", optimizer="adam",
+                             parallel={"ddp": 4})
+    saved = {lv.label.split(" (")[0]: lv.saves_bytes for lv in result.levers}
+    grads = 4 * (256 * 256 + 256) * 2
+    assert saved["FSDP instead of DDP"] > saved["ZeRO-1"] > 0
+    assert saved["DDP gradient_as_bucket_view"] == grads  # one copy of the gradients fewer, all step long
