@@ -390,7 +390,7 @@ def apply(model: torch.nn.Module, spec: Parallel, mesh, rows: list[int] | None =
         kwargs["mp_policy"] = spec.mp_policy
     modules = dict(model.named_modules())
     try:
-        with _RealTensorOps():  # the 2-D mesh FSDP2 builds from the TP mesh and its own
+        with _RealTensorOps() if spec.tp > 1 else contextlib.nullcontext():  # FSDP2's 2-D mesh over TP's
             for name in sorted(spec.units, key=lambda n: -n.count(".")):  # a unit inside another first
                 fully_shard(modules[name], **kwargs)
             fully_shard(model, **kwargs)

@@ -202,6 +202,7 @@ def test_the_users_model_and_process_group_are_left_as_they_were(tmp_path):
     ({"fsdp": 0}, {}, "fsdp must be an int >= 1"),
     ({"fsdp": 1}, {}, "describes one GPU"),
     ({"fsdp": 4}, {"world_size": 8}, "world_size=8 but parallel="),
+    ({"fsdp": 2, "tp": 2}, {"world_size": 6}, "world_size=6 but parallel=.* spans 4 ranks"),
     ({"fsdp": 4, "units": ["blocks.9"]}, {}, "units names 'blocks.9', which is neither a submodule"),
     ({"fsdp": 4, "reshard_after_forward": 3}, {}, "must be True, False or an int that divides fsdp=4"),
     ({"fsdp": 4, "mp_policy": {"param": "bf16"}}, {}, "mp_policy has 'param'"),
