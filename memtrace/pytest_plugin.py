@@ -279,7 +279,8 @@ def memtrace_budget(request):
     """``memtrace_budget(model, input_shape, ..., limit="24 GiB" | gpu="A5000")`` predicts the training step
     with ``memtrace.report`` (every other argument is passed on), fails the test when the predicted peak is
     over the budget, and returns the report. ``gpu=`` names the card predicted for and, without
-    ``limit=``, makes its usable memory the budget."""
+    ``limit=``, makes its usable memory the budget. With ``parallel=`` the budget is one GPU's: the rank
+    with the largest peak is checked."""
     manager = _manager(request.config)
 
     def budget(model, input_shape=None, *, limit=None, gpu=None, **kwargs):
@@ -290,9 +291,13 @@ def memtrace_budget(request):
         if manager.tracing_body:
             raise RuntimeError("memtrace_budget cannot run inside a @pytest.mark.vram_limit test: use one or the other")
         limit_bytes, source = parse_limit(limit, gpu, "memtrace_budget")
-        verify = manager.live and torch.cuda.is_available()
+        # a parallel= step runs on its ranks: it is predicted, not measured in this one process
+        verify = manager.live and torch.cuda.is_available() and kwargs.get("parallel") is None
         report = memtrace.report(model, input_shape, gpu=gpu, verify=verify, **kwargs)
-        manager.conclude(request.node, manager.check(request.node, report, limit_bytes, source, report.model))
+        label = report.model
+        if report.parallel:
+            label += f", rank {report.rank} of {report.world_size} ({report.parallel})"
+        manager.conclude(request.node, manager.check(request.node, report, limit_bytes, source, label))
         return report
 
     return budget

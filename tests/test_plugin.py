@@ -84,6 +84,26 @@ def test_fits(memtrace_budget):
     result.assert_outcomes(passed=1)
 
 
+def _has_parallel() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_parallel(), reason="parallel= needs PyTorch 2.6 or later")
+def test_budget_of_one_rank(pytester):
+    result = run(pytester, """
+def test_ranks(memtrace_budget):
+    r = memtrace_budget(linear(), (2, 4), optimizer="sgd", optimizer_kwargs={"lr": 0.1}, device="cpu",
+                        parallel={"ddp": 2}, limit="1 KiB")
+    assert r.world_size == 2
+""")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*Linear, rank 0 of 2 (DDP 2)*ok*"])
+
+
 def test_budget_over_the_limit_fails_with_the_excess_and_a_breakdown(pytester):
     result = run(pytester, """
 def test_too_big(memtrace_budget):
