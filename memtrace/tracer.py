@@ -189,12 +189,12 @@ class StorageTracker(TorchDispatchMode):
         finally:
             self._hidden = hidden
 
-    def adopt(self, t: torch.Tensor, category: Category) -> None:
-        """Accounts a tensor made while nothing was recorded (a parameter sharded on the fake copy) as if it
-        were allocated now, as ``category``."""
+    def adopt(self, t: torch.Tensor, category: Category, label: str = "(setup)") -> None:
+        """Accounts a tensor made while nothing was recorded (a parameter sharded on the fake copy), or made
+        outside any op (``label`` says by what), as if it were allocated now, as ``category``."""
         birth, self.where.birth = self.where.birth, category
         try:
-            self._see(local(t), "(setup)")
+            self._see(local(t), label)
         finally:
             self.where.birth = birth
 

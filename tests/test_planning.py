@@ -244,6 +244,20 @@ def test_checkpointing_lowers_activations_and_raises_nothing_else():
     assert any(a.category is Category.ACTIVATION and a.phase is Phase.BACKWARD for a in ckpt.allocations)
 
 
+def test_checkpointing_keeps_the_cpu_generator_state_on_the_cpu():
+    # preserve_rng_state: each checkpointed block keeps torch.get_rng_state() from its forward until it is
+    # recomputed, and the recomputation takes one more while it runs; memory of the device on a CPU run,
+    # host memory on a GPU
+    model, shape = deep_model(depth=3), (64, 16)
+    state = torch.get_rng_state().untyped_storage().nbytes()
+    cpu = memtrace.report(model, shape, device="cpu", checkpoint="auto", steps=1)
+    kept = [a for a in cpu.allocations if a.op == "torch.get_rng_state"]
+    assert [(a.requested_bytes, a.phase) for a in kept] == [(state, Phase.FORWARD)] * 3 + [(state, Phase.BACKWARD)] * 3
+    assert all(a.category is Category.ACTIVATION and a.free_event is not None for a in kept)
+    cuda = memtrace.report(model, shape, checkpoint="auto", steps=1)
+    assert not [a for a in cuda.allocations if a.op == "torch.get_rng_state"]
+
+
 def test_checkpoint_names_and_errors():
     model = deep_model(depth=3)
     r = memtrace.report(model, (64, 16), checkpoint=["1.0", "1.2"])
