@@ -139,7 +139,7 @@ def _parallel_report(model: torch.nn.Module, eager: torch.nn.Module, options) ->
 
     spec = options.parallel
     first = trace(model, options, rank=0)
-    groups = rank_groups(first.shard_rows, spec, first.rank_keys)
+    groups = rank_groups(first.shard_layout, spec, first.rank_keys)
     traces = [first] + [trace(model, options, rank=g[0]) for g in groups[1:]]
     reports = [build_report(eager, options, t) for t in traces]
     ranks = tuple(RankPeak(tuple(g), r.peak_bytes) for g, r in zip(groups, reports))
@@ -153,7 +153,7 @@ def _parallel_report(model: torch.nn.Module, eager: torch.nn.Module, options) ->
              "fake process group: collectives complete at once and move no data.")
     if len(groups) > 1:
         why = "different optimizer state (ZeroRedundancyOptimizer's partition)" if spec.zero else \
-            "different shards (uneven dimensions)"
+            "different shards (dimensions that do not divide evenly)"
         about += f" Ranks hold {why}; the rank with the largest peak is shown."
         if any(len(g) > 1 for g in groups):
             about += f" Ranks {describe_ranks(groups)} each hold the same memory."

@@ -54,7 +54,7 @@ class Trace:
     op_count: int
     flops: dict = field(default_factory=dict)  # phase -> first iteration's FLOPs (matmuls, convolutions, attention)
     notes: tuple[str, ...] = ()  # what the target's rules say the prediction leaves out for this model
-    shard_rows: tuple[int, ...] = ()  # sharded: dim 0 of each parameter as FSDP shards it (after tensor parallel)
+    shard_layout: tuple = ()  # sharded: each parameter's global shape and the dimension tensor parallel shards
     rank_keys: tuple = ()  # what each rank holds, where the trace knows it for every rank (ZeRO's partitions)
 
 
@@ -389,7 +389,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
     grad_records: dict[str, list[StorageRecord]] = {}
     state_records: dict[str, list[StorageRecord]] = {}
     flops = tracker.flops = FlopCounter()
-    shard_rows: list[int] = []
+    shard_layout: list = []
 
     sharding_hooks = parallel.traced(tracker) if sharded else contextlib.nullcontext()
     with preserved_rng(), _quiet_fake_tensor_log(), fake_mode, tracker, _innermost_saved_tensors_hooks() as hooks, \
@@ -404,7 +404,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
         if sharded:
             try:
                 with tracker.hidden():  # nothing of the whole model is the rank's
-                    fake_model = parallel.apply(fake_model, options.parallel, mesh, shard_rows)
+                    fake_model = parallel.apply(fake_model, options.parallel, mesh, shard_layout)
             except (TraceError, NotImplementedError, ValueError):
                 raise
             except Exception as exc:
@@ -510,7 +510,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
         phase_starts=phase_starts, modules=infos, param_records=param_records, grad_records=grad_records,
         state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()},
         assumptions=tracker.assumptions, op_count=tracker.op_count, flops=flops.counts,
-        notes=tuple(about + tracker.notes + _upper_bound_note(tracker.assumptions)), shard_rows=tuple(shard_rows),
+        notes=tuple(about + tracker.notes + _upper_bound_note(tracker.assumptions)), shard_layout=tuple(shard_layout),
         rank_keys=rank_keys,
     )
 

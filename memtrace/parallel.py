@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from .options import Category
-from .tracer import local
 
 _FSDP_KEYS = ("fsdp", "replicate", "reshard_after_forward", "mp_policy", "units")
 # DistributedDataParallel's keyword arguments that decide what a rank holds
@@ -358,10 +357,10 @@ def device_mesh(spec: Parallel):
 
 
 # ---- applying the plan ---------------------------------------------------------------------------------
-def apply(model: torch.nn.Module, spec: Parallel, mesh, rows: list[int] | None = None) -> torch.nn.Module:
+def apply(model: torch.nn.Module, spec: Parallel, mesh, layout: list | None = None) -> torch.nn.Module:
     """Parallelize ``model`` (the fake copy) in place as the user's trainer would: their plan, or tensor
-    parallel and then ``fully_shard`` on each unit and on the root. ``rows`` gets dim 0 of each parameter
-    as FSDP shards it (``rank_groups``)."""
+    parallel and then ``fully_shard`` on each unit and on the root. ``layout`` gets each parameter's
+    global shape and the dimension tensor parallel shards (``rank_groups``)."""
     if spec.plan is not None:
         def refuse(own):
             def init(*args, **kwargs):
@@ -377,8 +376,8 @@ def apply(model: torch.nn.Module, spec: Parallel, mesh, rows: list[int] | None =
         return out
     if spec.tp > 1:
         _tensor_parallel(model, spec, mesh["tp"])
-    if rows is not None:
-        rows.extend(local(p).shape[0] for p in model.parameters() if p.dim() > 0)
+    if layout is not None:
+        layout.extend(_layout(p) for p in model.parameters() if p.dim() > 0)
     if spec.fsdp * spec.replicate == 1:
         return model
     from torch.distributed.fsdp import fully_shard
@@ -507,24 +506,35 @@ class _RealTensorOps(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def _tensor_parallel(model: torch.nn.Module, spec: Parallel, mesh) -> None:
-    """``parallelize_module`` with the plan; every dimension it shards must divide by the TP degree (ranks
-    would otherwise hold different shards, and only one rank of a TP group is traced)."""
+    """``parallelize_module`` with the plan; every dimension it shards must divide by the TP degree: the
+    styles take each rank's activations for an even shard of a global tensor (``DTensor.from_local``
+    infers the global size as TP x the local one), so a real run of an uneven plan fails or computes the
+    wrong shapes."""
     import warnings
 
-    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
-    from torch.distributed.tensor.placement_types import Shard
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*could not be resolved.*")
         parallelize_module(model, mesh, dict(spec.tp_plan))
     for name, p in model.named_parameters():
-        if isinstance(p, DTensor):
-            for placement in p.placements:
-                if isinstance(placement, Shard) and p.shape[placement.dim] % spec.tp:
-                    raise ValueError(f"tp={spec.tp} does not divide dim {placement.dim} of {name} "
-                                     f"({list(p.shape)}): its ranks would hold different shards; give a tp that "
-                                     "divides it, or a tp_plan that leaves that module whole")
+        shape, dim = _layout(p)
+        if dim is not None and shape[dim] % spec.tp:
+            raise ValueError(f"tp={spec.tp} does not divide dim {dim} of {name} ({list(shape)}): tensor parallel "
+                             "takes each rank's activations for an even shard, so the real step would fail or "
+                             "compute wrong shapes; give a tp that divides it (pad the vocabulary), or a tp_plan "
+                             "that leaves that module whole")
+
+
+def _layout(p: torch.Tensor) -> tuple[tuple[int, ...], int | None]:
+    """A parameter's global shape and the dimension tensor parallel shards (None: whole on every TP rank)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Shard
+
+    if isinstance(p, DTensor):
+        dims = [pl.dim for pl in p.placements if isinstance(pl, Shard)]
+        return tuple(p.shape), (dims[0] if dims else None)
+    return tuple(p.shape), None
 
 
 # optimizers whose every op is elementwise over a parameter and its own state
@@ -696,28 +706,33 @@ def _eager_collectives():
 
 
 # ---- which ranks differ --------------------------------------------------------------------------------
-def rank_groups(rows: tuple[int, ...], spec: Parallel, keys: tuple = ()) -> list[list[int]]:
+def rank_groups(layout: tuple, spec: Parallel, keys: tuple = ()) -> list[list[int]]:
     """The ranks, grouped by the local sizes of every sharded parameter (ranks with the same sizes hold the
-    same memory), each group's first rank first; rank 0's group first. ``rows``: dim 0 of each parameter as
-    FSDP shards it (``apply``); tensor-parallel ranks hold the same sizes (``_tensor_parallel`` checks).
-    ``keys``: what each rank holds, where it is known per rank (``zero_rank_keys``)."""
-    if keys:
-        by_key: dict[Any, list[int]] = {}
-        for rank, key in enumerate(keys):
-            by_key.setdefault(key, []).append(rank)
-        return sorted(by_key.values(), key=lambda g: g[0])
-    if spec.plan is not None or not spec.shards:  # a plan's own sharding is not known; DDP replicates
-        return [list(range(spec.world_size))]
-    fsdp, tp = spec.fsdp, spec.tp
-    by_sizes: dict[tuple, list[int]] = {}
-    for shard in range(fsdp):
-        sizes = tuple(_chunk_rows(d, fsdp, shard) for d in rows)
-        by_sizes.setdefault(sizes, []).append(shard)
-    groups = []
-    for shards in by_sizes.values():  # every replica and TP rank holds the same shard as its FSDP rank
-        groups.append(sorted((r * fsdp + s) * tp + t for r in range(spec.replicate) for s in shards
-                             for t in range(tp)))
-    return sorted(groups, key=lambda g: g[0])
+    same memory), each group's first rank first; rank 0's group first. ``layout``: each parameter's global
+    shape and the dimension tensor parallel shards (``apply``); DTensor and FSDP2 both split a dimension as
+    ``torch.chunk`` does, tensor parallel first, then FSDP2 dim 0 of the TP shard. ``keys``: what each rank
+    holds, where it is known per rank (``zero_rank_keys``)."""
+    if not keys:
+        if spec.plan is not None or not spec.shards:  # a plan's own sharding is not known; DDP replicates
+            return [list(range(spec.world_size))]
+        keys = tuple(_local_sizes(layout, spec, rank) for rank in range(spec.world_size))
+    by_key: dict[Any, list[int]] = {}
+    for rank, key in enumerate(keys):
+        by_key.setdefault(key, []).append(rank)
+    return sorted(by_key.values(), key=lambda g: g[0])
+
+
+def _local_sizes(layout: tuple, spec: Parallel, rank: int) -> tuple:
+    """The local shape of every parameter on ``rank`` (the mesh is replicate x fsdp x tp, row-major)."""
+    tp_index, fsdp_index = rank % spec.tp, (rank // spec.tp) % spec.fsdp
+    out = []
+    for shape, tp_dim in layout:
+        local = list(shape)
+        if tp_dim is not None:
+            local[tp_dim] = _chunk_rows(local[tp_dim], spec.tp, tp_index)
+        local[0] = _chunk_rows(local[0], spec.fsdp, fsdp_index)
+        out.append(tuple(local))
+    return tuple(out)
 
 
 def _chunk_rows(rows: int, parts: int, index: int) -> int:

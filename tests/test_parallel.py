@@ -406,7 +406,7 @@ def test_tensor_parallel_with_fsdp_and_a_models_own_plan():
 
 @needs_fsdp2
 @pytest.mark.parametrize("parallel, message", [
-    ({"tp": 3, "tp_plan": MLP_PLAN}, r"tp=3 does not divide dim 0 of up.weight \(\[32, 16\]\)"),
+    ({"tp": 3, "tp_plan": MLP_PLAN}, r"tp=3 does not divide dim 0 of up.weight \(\[32, 16\]\): tensor parallel"),
     ({"tp": 2, "tp_plan": {"upp": "colwise"}}, "'upp', which matches no submodule of Mlp \\(did you mean 'up'"),
     ({"tp": 2, "tp_plan": {"up": "diagonal"}}, "'diagonal': that style is not translated"),
     ({"fsdp": 2, "tp_plan": MLP_PLAN}, "'tp_plan' without 'tp'"),
