@@ -83,8 +83,11 @@ def report(
 
     ``parallel={"fsdp": 8}`` predicts one rank of sharded training: the fake copy is sharded by FSDP2's own
     ``fully_shard`` over a fake process group ("replicate" for HSDP, "reshard_after_forward", "mp_policy",
-    "units"), or by ``parallel=fn(model, mesh)`` with ``world_size=``; the inputs are one rank's micro-batch,
-    and the report is the rank with the largest peak, listing the ranks that differ (``report.ranks``).
+    "units"), with tensor parallel by ``parallelize_module`` ("tp", "tp_plan"), or replicated by
+    ``DistributedDataParallel`` ({"ddp": 8}, with "bucket_cap_mb", "gradient_as_bucket_view",
+    "broadcast_buffers", "zero": 1), or by ``parallel=fn(model, mesh)`` with ``world_size=``; the inputs
+    are one rank's micro-batch, and the report is the rank with the largest peak, listing the ranks that
+    differ (``report.ranks``).
 
     ``checkpoint="auto"`` traces the step with the model's repeated blocks (the children of an
     ``nn.ModuleList`` or ``nn.Sequential`` of same-typed modules) under non-reentrant activation

@@ -532,7 +532,9 @@ def _upper_bound_note(choices) -> list[str]:
 
 def _mark_optimizer_states(tracker: StorageTracker, target: Target, optimizer: torch.optim.Optimizer):
     """Classify each optimizer state tensor not classified yet; yields (parameter, its state's record)."""
-    optimizer = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer: the rank's own optimizer
+    inner = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer's: the rank's own optimizer
+    if isinstance(inner, torch.optim.Optimizer):
+        optimizer = inner
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():

@@ -1,11 +1,14 @@
-"""Per-rank memory of sharded training: PyTorch's own FSDP2 code runs on the fake copy of the model.
+"""Per-rank memory of sharded and data-parallel training: PyTorch's own parallel code runs on the fake copy.
 
 ``parallel={"fsdp": 8}`` applies ``fully_shard`` to the fake copy's repeated blocks and its root, on a CPU
 device mesh over a fake process group (collectives complete at once and move no data), so the sharded
 parameters and their padding, the all-gather and reduce-scatter buffers, the mixed-precision copies and
-the optimizer's sharded state are what PyTorch itself allocates on one rank. The step is traced as that
-rank sees it; ranks whose shards differ (uneven dimensions, the rank holding the remainder) are traced
-too, and the largest is the headline.
+the optimizer's sharded state are what PyTorch itself allocates on one rank. ``"tp"`` runs
+``parallelize_module`` first (the model's own Hugging Face plan, or ``tp_plan=``); ``"ddp"`` wraps the
+fake copy in ``DistributedDataParallel``, whose reducer allocates and fills its gradient buckets, with
+``ZeroRedundancyOptimizer`` for ``"zero": 1``. The step is traced as that rank sees it; ranks that hold
+different memory (uneven dimensions, the rank holding the remainder, ZeRO's partitions) are traced too,
+and the largest is the headline.
 
 The process group exists only while a trace runs: when the user's process already has one, the state of
 ``torch.distributed`` is kept aside and put back afterwards.
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .options import Category
 
@@ -417,10 +421,10 @@ def apply(model: torch.nn.Module, spec: Parallel, mesh, layout: list | None = No
 
 def wrap_ddp(model: torch.nn.Module, spec: Parallel, tracker) -> torch.nn.Module:
     """``DistributedDataParallel(model, **spec.ddp_options)`` on the fake copy, as a trainer constructs it."""
+    import warnings
+
     from torch.nn.parallel import DistributedDataParallel
     from torch.nn.parallel import distributed as ddp_module
-
-    import warnings
 
     options = dict(spec.ddp_options)
     with _patched(ddp_module, "_verify_param_shape_across_processes", lambda own: lambda *args, **kwargs: None), \
@@ -480,7 +484,7 @@ class _Reducer:
             return self._reducer._rebuild_buckets()
 
 
-class _RealTensorOps(torch.utils._python_dispatch.TorchDispatchMode):
+class _RealTensorOps(TorchDispatchMode):
     """Ops on real tensors only run for real (a device mesh's rank tensor, whose coordinates FSDP2 computes
     for a 2-D mesh), and with ``integer_factories`` integer tensors made from nothing too (the reducer
     writes and reads the bucket indices it exchanges through their data). Everything else goes on to the
