@@ -377,6 +377,7 @@ def apply(model: torch.nn.Module, spec: Parallel, mesh, layout: list | None = No
         out = model if out is None else out
         if not isinstance(out, torch.nn.Module):
             raise TypeError(f"parallel= {spec.describe()} returned {type(out).__name__}, expected the model (or None)")
+        _refuse_cpu_offload(out, spec)
         return out
     if spec.tp > 1:
         _tensor_parallel(model, spec, mesh["tp"])
@@ -403,6 +404,17 @@ def apply(model: torch.nn.Module, spec: Parallel, mesh, layout: list | None = No
                                "CPU device mesh, which needs a later PyTorch") from exc
         raise
     return model
+
+
+def _refuse_cpu_offload(model: torch.nn.Module, spec: Parallel) -> None:
+    """FSDP2's CPUOffloadPolicy keeps the shards in host memory, which the trace (all on the CPU) cannot
+    tell from the device's: refused rather than counted on the GPU."""
+    for module in model.modules():
+        state = module._get_fsdp_state() if hasattr(module, "_get_fsdp_state") else None
+        groups = getattr(state, "_fsdp_param_groups", None) or [getattr(state, "_fsdp_param_group", None)]
+        if any(type(getattr(g, "offload_policy", None)).__name__ == "CPUOffloadPolicy" for g in groups):
+            raise NotImplementedError(f"parallel= {spec.describe()} shards with FSDP2's CPUOffloadPolicy, which "
+                                      "memtrace does not predict yet (the shards would be counted on the GPU)")
 
 
 # ---- DistributedDataParallel ------------------------------------------------------------------------------

@@ -332,6 +332,17 @@ def test_bad_ddp_arguments_are_refused(parallel, message):
 
 
 @needs_fsdp2
+def test_a_plan_with_cpu_offload_is_refused():
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    def plan(model, mesh):
+        fully_shard(model, mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False))  # pinning fails earlier
+
+    with pytest.raises(NotImplementedError, match="CPUOffloadPolicy, which memtrace does not predict yet"):
+        memtrace.report(Two(), (4, 10), device="cpu", parallel=plan, world_size=2)
+
+
+@needs_fsdp2
 def test_a_plan_that_wraps_in_ddp_is_refused():
     with pytest.raises(memtrace.TraceError, match=r"give parallel=\{'ddp': N, ...\} for DDP"):
         memtrace.report(Two(), (4, 10), device="cpu", parallel=lambda m, mesh: nn.parallel.DistributedDataParallel(m),
