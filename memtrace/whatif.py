@@ -279,7 +279,9 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
         try:
             r = report(model, **batched.at(batched.batch_size), **_apply(options, overrides))
         except ValueError:
-            if "tp" not in overrides.get("parallel", {}):
+            before, after = options.get("parallel"), overrides.get("parallel")
+            if not (isinstance(before, Mapping) and isinstance(after, Mapping)
+                    and after.get("tp", 1) != before.get("tp", 1)):
                 raise
             continue  # the model's dimensions do not divide by the tensor-parallel degree: not a lever for it
         add(label, overrides, r)

@@ -463,3 +463,20 @@ def test_ddp_levers():
     grads = 4 * (256 * 256 + 256) * 2
     assert saved["FSDP instead of DDP"] > saved["ZeRO-1"] > 0
     assert saved["DDP gradient_as_bucket_view"] == grads  # one copy of the gradients fewer, all step long
+
+
+@needs_fsdp2
+def test_levers_of_a_sharded_model_with_a_plan():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memtrace.whatif import _candidates
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, attn_implementation="eager")
+    model, ids = LlamaForCausalLM(cfg), torch.zeros(2, 16, dtype=torch.long)
+    options = {"inputs": {"input_ids": ids, "labels": ids}, "device": "cpu", "parallel": {"fsdp": 4}}
+    base = memtrace.report(model, **options)
+    labels = dict(_candidates(model, base, options))
+    assert labels["add tensor parallel (FSDP 2 x TP 2, the same 4 ranks)"] == {"parallel": {"fsdp": 2, "tp": 2}}
+    assert "shard wider (FSDP 4 → 8 ranks)" in labels
+    assert not [k for k in dict(_candidates(Two(), base, options)) if "tensor parallel" in k]  # Two has no plan
