@@ -44,11 +44,12 @@ import memtrace
 STEPS = 2
 
 
-def llama():
+def llama(vocab_size: int = 4003):
+    """A 4-layer LLaMA whose vocabulary FSDP shards unevenly (4,003 rows)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=4003, max_position_embeddings=512,
+                      num_key_value_heads=4, vocab_size=vocab_size, max_position_embeddings=512,
                       attn_implementation="eager")
     torch.manual_seed(0)
     ids = torch.zeros(4, 128, dtype=torch.long)
@@ -57,14 +58,7 @@ def llama():
 
 def llama_tp():
     """The same LLaMA with a vocabulary tensor parallel divides (4,000 rows)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=4000, max_position_embeddings=512,
-                      attn_implementation="eager")
-    torch.manual_seed(0)
-    ids = torch.zeros(4, 128, dtype=torch.long)
-    return LlamaForCausalLM(cfg), {"inputs": {"input_ids": ids, "labels": ids}}
+    return llama(vocab_size=4000)
 
 
 def mobilenet():
