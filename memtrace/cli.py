@@ -480,56 +480,52 @@ def _predict(args, built) -> int:
 
 def _parallel(args) -> dict | None:
     """``parallel=`` from the sharding flags, or None."""
-    ddp_flags = (("--bucket-cap-mb", args.bucket_cap_mb), ("--gradient-as-bucket-view", args.gradient_as_bucket_view),
-                 ("--no-broadcast-buffers", args.no_broadcast_buffers), ("--zero", args.zero))
+    def refuse(flags, needs: str) -> None:
+        for flag, value in flags:
+            if value:
+                raise UsageError(f"{flag} goes with {needs}")
+
+    if args.ddp is not None and args.fsdp is not None:
+        raise UsageError("--ddp and --fsdp are two ways to train on N ranks; for FSDP groups replicated across "
+                         "ranks (HSDP) give --fsdp N --replicate R")
+    if args.ddp is not None and args.tp is not None:
+        raise UsageError("--ddp replicates the whole model on every rank; tensor parallel goes alone or with --fsdp")
+    if args.ddp is None:
+        refuse((("--bucket-cap-mb", args.bucket_cap_mb), ("--gradient-as-bucket-view", args.gradient_as_bucket_view),
+                ("--no-broadcast-buffers", args.no_broadcast_buffers), ("--zero", args.zero)), "--ddp N")
+    if args.fsdp is None:
+        refuse((("--replicate", args.replicate), ("--fsdp-units", args.fsdp_units),
+                ("--no-reshard-after-forward", args.no_reshard_after_forward),
+                ("--mp-param-dtype", args.mp_param_dtype), ("--mp-reduce-dtype", args.mp_reduce_dtype)), "--fsdp N")
+    if args.tp is None:
+        refuse((("--tp-plan", args.tp_plan),), "--tp N")
+    parallel: dict[str, Any] = {}
     if args.ddp is not None:
-        if args.fsdp is not None:
-            raise UsageError("--ddp and --fsdp are two ways to train on N ranks; for FSDP groups replicated across "
-                             "ranks (HSDP) give --fsdp N --replicate R")
-        parallel: dict[str, Any] = {"ddp": args.ddp}
-        for key, value in (("bucket_cap_mb", args.bucket_cap_mb), ("gradient_as_bucket_view",
-                                                                    args.gradient_as_bucket_view or None),
-                           ("broadcast_buffers", False if args.no_broadcast_buffers else None),
-                           ("zero", args.zero)):
+        parallel["ddp"] = args.ddp
+        for key, value in (("bucket_cap_mb", args.bucket_cap_mb),
+                           ("gradient_as_bucket_view", args.gradient_as_bucket_view or None),
+                           ("broadcast_buffers", False if args.no_broadcast_buffers else None), ("zero", args.zero)):
             if value is not None:
                 parallel[key] = value
-        return parallel
-    for flag, value in ddp_flags:
-        if value:
-            raise UsageError(f"{flag} goes with --ddp N")
-    tp: dict[str, Any] = {}
+    if args.fsdp is not None:
+        parallel["fsdp"] = args.fsdp
+        if args.replicate:
+            parallel["replicate"] = args.replicate
+        if args.fsdp_units:
+            parallel["units"] = [n.strip() for n in args.fsdp_units.split(",") if n.strip()]
+        if args.no_reshard_after_forward:
+            parallel["reshard_after_forward"] = False
+        mp = {k: v for k, v in (("param_dtype", args.mp_param_dtype), ("reduce_dtype", args.mp_reduce_dtype)) if v}
+        if mp:
+            parallel["mp_policy"] = mp
     if args.tp is not None:
-        tp["tp"] = args.tp
+        parallel["tp"] = args.tp
         if args.tp_plan:
             try:
-                tp["tp_plan"] = json.loads(args.tp_plan)
+                parallel["tp_plan"] = json.loads(args.tp_plan)
             except ValueError as exc:
                 raise UsageError(f"--tp-plan is not JSON: {exc}") from None
-    elif args.tp_plan:
-        raise UsageError("--tp-plan goes with --tp N")
-    if args.fsdp is None and tp:
-        for flag, value in (("--replicate", args.replicate), ("--fsdp-units", args.fsdp_units)):
-            if value:
-                raise UsageError(f"{flag} goes with --fsdp N")
-        return tp
-    if args.fsdp is None:
-        for flag, value in (("--replicate", args.replicate), ("--fsdp-units", args.fsdp_units),
-                            ("--no-reshard-after-forward", args.no_reshard_after_forward),
-                            ("--mp-param-dtype", args.mp_param_dtype), ("--mp-reduce-dtype", args.mp_reduce_dtype)):
-            if value:
-                raise UsageError(f"{flag} goes with --fsdp N")
-        return None
-    parallel = {"fsdp": args.fsdp}
-    if args.replicate:
-        parallel["replicate"] = args.replicate
-    if args.fsdp_units:
-        parallel["units"] = [n.strip() for n in args.fsdp_units.split(",") if n.strip()]
-    if args.no_reshard_after_forward:
-        parallel["reshard_after_forward"] = False
-    mp = {k: v for k, v in (("param_dtype", args.mp_param_dtype), ("reduce_dtype", args.mp_reduce_dtype)) if v}
-    if mp:
-        parallel["mp_policy"] = mp
-    return {**parallel, **tp}
+    return parallel or None
 
 
 def _answers(args, model, inputs, options, report, gpu) -> dict[str, Any]:

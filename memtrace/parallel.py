@@ -268,11 +268,11 @@ def _hf_style(pattern: str, name: str):
 
 def _parse_ddp(parallel: Mapping, world_size: Any) -> Parallel:
     ddp = _positive_int("ddp", parallel["ddp"])
-    mixed = [k for k in _FSDP_KEYS if k in parallel]
+    mixed = [k for k in _FSDP_KEYS + _TP_KEYS if k in parallel]
     if mixed:
         raise ValueError(f"parallel= gives 'ddp' with {mixed[0]!r}: DDP replicates the whole model on every rank; for "
                          "FSDP groups whose gradients are all-reduced across replicas (HSDP) give {'fsdp': N, "
-                         "'replicate': R}")
+                         "'replicate': R}, with 'tp' for tensor parallel")
     if world_size is not None and _positive_int("world_size", world_size) != ddp:
         raise ValueError(f"world_size={world_size} but parallel={dict(parallel)!r} spans {ddp} ranks")
     _check_available("DDP on a fake process group")

@@ -321,6 +321,7 @@ def test_ddp_broadcasts_buffers_before_each_forward():
 @needs_fsdp2
 @pytest.mark.parametrize("parallel, message", [
     ({"ddp": 4, "fsdp": 2}, "DDP replicates the whole model on every rank"),
+    ({"ddp": 4, "tp": 2}, "gives 'ddp' with 'tp'"),
     ({"ddp": 4, "bucket_cap_mb": 0}, "bucket_cap_mb=0 must be a positive number"),
     ({"ddp": 4, "gradient_as_bucket_view": 1}, "must be True or False"),
     ({"fsdp": 4, "bucket_cap_mb": 5}, "'bucket_cap_mb' is an option of DDP"),
@@ -363,6 +364,12 @@ def test_cli_ddp(capsys):
     with pytest.raises(SystemExit):
         main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--gradient-as-bucket-view"])
     assert "--gradient-as-bucket-view goes with --ddp N" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--ddp", "2", "--tp", "2"])
+    assert "--ddp replicates the whole model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["torchvision.models:resnet18", "--input-shape", "2,3,32,32", "--tp", "2", "--mp-param-dtype", "bf16"])
+    assert "--mp-param-dtype goes with --fsdp N" in capsys.readouterr().err
 
 
 # ---- tensor parallel --------------------------------------------------------------------------------------
