@@ -299,7 +299,7 @@ def trace_callable(fn, options: Options) -> tuple[Trace, _BodySession]:
             ]
             rules = FunctionRules.for_target(target, tracker.note)
             with fake_mode, tracker, rules, _BodyMode(session), _autograd_backward_seen(session), \
-                    tracker.saved_tensors_hooks():
+                    tracker.saved_tensors_hooks(), tracker.generator_states_seen():
                 try:
                     fn()
                     session.mark()

@@ -81,29 +81,6 @@ def preserved_rng():
 
 
 @contextlib.contextmanager
-def _generator_states_seen(tracker: StorageTracker, target: Target):
-    """Activation checkpointing (``torch.utils.checkpoint``, preserve_rng_state) keeps the CPU generator's
-    state, ``torch.get_rng_state()``, a tensor made outside any op, until the checkpointed region is
-    recomputed. For a CPU run it is memory of the device, accounted as it is held; on a GPU it is host
-    memory."""
-    if target.name != "cpu":
-        yield
-        return
-    own = torch.get_rng_state
-
-    def get_rng_state() -> torch.Tensor:
-        state = own()
-        tracker.adopt(state, Category.ACTIVATION, "torch.get_rng_state")
-        return state
-
-    torch.get_rng_state = get_rng_state
-    try:
-        yield
-    finally:
-        torch.get_rng_state = own
-
-
-@contextlib.contextmanager
 def _quiet_fake_tensor_log():
     """FakeTensorMode logs a traceback for every failing meta kernel; the TraceError says it in a line."""
     logger = logging.getLogger("torch._subclasses.fake_tensor")
@@ -489,7 +466,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
         try:
             rules = FunctionRules.for_target(target, tracker.note)
             amp = target.autocast() if options.amp_dtype is not None else contextlib.nullcontext()
-            with rules, amp, tracker.saved_tensors_hooks(), _generator_states_seen(tracker, target):
+            with rules, amp, tracker.saved_tensors_hooks(), tracker.generator_states_seen():
                 run_steps(runner, options, new_inputs, optimizer, scaler, "cpu", on_phase)
         except Exception as exc:
             raise _explain(exc, tracker) from exc

@@ -395,6 +395,28 @@ class StorageTracker(TorchDispatchMode):
 
         return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
+    @contextlib.contextmanager
+    def generator_states_seen(self):
+        """Activation checkpointing (``torch.utils.checkpoint``, preserve_rng_state) keeps the CPU
+        generator's state, ``torch.get_rng_state()``, a tensor made outside any op, until the checkpointed
+        region is recomputed. For a CPU run it is memory of the device, accounted as it is held; on a GPU
+        it is host memory."""
+        if self.target.name != "cpu":
+            yield
+            return
+        own = torch.get_rng_state
+
+        def get_rng_state() -> torch.Tensor:
+            state = own()
+            self.adopt(state, Category.ACTIVATION, "torch.get_rng_state")
+            return state
+
+        torch.get_rng_state = get_rng_state
+        try:
+            yield
+        finally:
+            torch.get_rng_state = own
+
     def mark_role(self, t: torch.Tensor, role: Category, host: bool = False) -> None:
         rec = self.record_of(t)
         if rec is not None and rec.birth is None:

@@ -329,6 +329,24 @@ def test_traced_body_matches_report_of_the_same_loop(device):
     assert rows(traced) == rows(expected)
 
 
+def test_traced_body_keeps_the_generator_state_checkpointing_saves_on_the_cpu():
+    from torch.utils.checkpoint import checkpoint
+
+    from memtrace.body import trace_callable
+    from memtrace.options import Inputs, Options
+    from memtrace.report import build_callable_report
+
+    def body():
+        model = torch.nn.Linear(16, 16)
+        checkpoint(model, torch.randn(4, 16, requires_grad=True), use_reentrant=False).sum().backward()
+
+    options = Options(inputs=Inputs(), optimizer=None, optimizer_name="none", device="cpu", gpu=None)
+    traced = build_callable_report("body", options, *trace_callable(body, options))
+    state = torch.get_rng_state().untyped_storage().nbytes()
+    # one kept from forward to the recomputation, one the recomputation takes while it runs
+    assert [a.requested_bytes for a in traced.allocations if a.op == "torch.get_rng_state"] == [state, state]
+
+
 # ---- summary, JSON, cache -----------------------------------------------------------------------
 
 def test_summary_lists_each_budget_and_can_be_switched_off(pytester):
