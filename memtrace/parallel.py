@@ -181,9 +181,7 @@ def parse_parallel(parallel: Any, world_size: Any, model: torch.nn.Module) -> Pa
     tp = _positive_int("tp", parallel.get("tp", 1))
     if fsdp * replicate * tp == 1:
         raise ValueError(f"parallel={dict(parallel)!r} describes one GPU; give 'fsdp' > 1 (or 'replicate', 'tp' > 1)")
-    if world_size is not None and _positive_int("world_size", world_size) != fsdp * replicate * tp:
-        raise ValueError(f"world_size={world_size} but parallel={dict(parallel)!r} spans {fsdp * replicate * tp} "
-                         "ranks")
+    _check_world_size(world_size, parallel, fsdp * replicate * tp)
     if "tp_plan" in parallel and tp == 1:
         raise ValueError("parallel= gives 'tp_plan' without 'tp': N > 1")
     tp_plan, tp_source = _tp_plan(model, parallel.get("tp_plan")) if tp > 1 else ((), "")
@@ -205,6 +203,12 @@ def parse_parallel(parallel: Any, world_size: Any, model: torch.nn.Module) -> Pa
     return Parallel(fsdp=fsdp, replicate=replicate, reshard_after_forward=reshard,
                     mp_policy=_mp_policy(parallel.get("mp_policy")), units=tuple(units), tp=tp, tp_plan=tp_plan,
                     tp_source=tp_source)
+
+
+def _check_world_size(world_size: Any, parallel: Mapping, ranks: int) -> None:
+    """``world_size=``, when given with a dict, must be the ranks the dict spans."""
+    if world_size is not None and _positive_int("world_size", world_size) != ranks:
+        raise ValueError(f"world_size={world_size} but parallel={dict(parallel)!r} spans {ranks} ranks")
 
 
 def _tp_plan(model: torch.nn.Module, given: Any) -> tuple[tuple[tuple[str, Any], ...], str]:
@@ -273,8 +277,7 @@ def _parse_ddp(parallel: Mapping, world_size: Any) -> Parallel:
         raise ValueError(f"parallel= gives 'ddp' with {mixed[0]!r}: DDP replicates the whole model on every rank; for "
                          "FSDP groups whose gradients are all-reduced across replicas (HSDP) give {'fsdp': N, "
                          "'replicate': R}, with 'tp' for tensor parallel")
-    if world_size is not None and _positive_int("world_size", world_size) != ddp:
-        raise ValueError(f"world_size={world_size} but parallel={dict(parallel)!r} spans {ddp} ranks")
+    _check_world_size(world_size, parallel, ddp)
     _check_available("DDP on a fake process group")
     chosen = []
     zero = parallel.get("zero", 0)
