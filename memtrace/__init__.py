@@ -147,11 +147,14 @@ def _parallel_report(model: torch.nn.Module, eager: torch.nn.Module, options) ->
     reports = [build_report(eager, options, t) for t in traces]
     ranks = tuple(RankPeak(tuple(g), r.peak_bytes) for g, r in zip(groups, reports))
     top = max(range(len(groups)), key=lambda i: (reports[i].peak_bytes, -i))
-    code = ("plan code" if spec.plan is not None else
-            "DistributedDataParallel (its reducer's buckets, gradient copies and buffer broadcasts)"
-            + (" and ZeroRedundancyOptimizer" if spec.zero else "") if not spec.shards
-            else " and ".join(([f"tensor parallel (parallelize_module, with {spec.tp_source})"] if spec.tp > 1 else [])
-                              + (["FSDP2 (fully_shard)"] if spec.fsdp * spec.replicate > 1 else [])))
+    if spec.plan is not None:
+        code = "plan code"
+    elif not spec.shards:
+        code = "DistributedDataParallel (its reducer's buckets, gradient copies and buffer broadcasts)"
+        code += " and ZeroRedundancyOptimizer" if spec.zero else ""
+    else:
+        parts = [f"tensor parallel (parallelize_module, with {spec.tp_source})"] if spec.tp > 1 else []
+        code = " and ".join(parts + (["FSDP2 (fully_shard)"] if spec.fsdp * spec.replicate > 1 else []))
     about = (f"Rank {groups[top][0]} of {spec.world_size} ({spec.describe()}), traced with PyTorch's own {code} on a "
              "fake process group: collectives complete at once and move no data.")
     if len(groups) > 1:
