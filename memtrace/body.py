@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .engine import (ModuleInfo, Trace, TraceError, _explain, _mark_optimizer_states, _quiet_fake_tensor_log,
-                     _shape_of, preserved_rng, remember)
+                     _shape_of, fake_cache_for, preserved_rng, remember)
 from .datadep import describe_choices
 from .options import Category, Options, Phase
 from .targets import FunctionRules, Target, target_for
@@ -276,6 +276,7 @@ def trace_callable(fn, options: Options) -> tuple[Trace, _BodySession]:
     import warnings
 
     target = target_for(options.device, options.gpu, options.alloc_conf)
+    fake_cache_for(target)
     tracker = _BodyTracker(target)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     # FakeTensorMode memoises each fresh output with a weak reference, and torch.utils.swap_tensors, which

@@ -56,6 +56,7 @@ class Trace:
     notes: tuple[str, ...] = ()  # what the target's rules say the prediction leaves out for this model
     shard_layout: tuple = ()  # sharded: each parameter's global shape and the dimension tensor parallel shards
     rank_keys: tuple = ()  # what each rank holds, where the trace knows it for every rank (ZeRO's partitions)
+    sized: tuple = ()  # rules' scratch sized by a function of the op's shapes: StorageTracker.allocate_sized
 
 
 def remember(table: dict[str, list[StorageRecord]], key: str, rec: StorageRecord | None) -> None:
@@ -345,10 +346,26 @@ def trace(model: torch.nn.Module, options: Options, rank: int = 0) -> Trace:
         return _trace(model, options, parallel.device_mesh(spec) if spec.shards else None)
 
 
+_CACHE_TARGET: list = [None]  # the target whose traces filled FakeTensorMode's dispatch cache
+
+
+def fake_cache_for(target: Target) -> None:
+    """FakeTensorMode keeps one dispatch cache for the whole process, and an entry one target's trace left
+    can change another's: after a CUDA trace of an LSTM, a CPU trace of it got two more allocations from
+    ``mkldnn_rnn_layer_backward`` than a CPU trace in a fresh process. The cache is cleared when the target
+    changes; traces for the same target keep it (it makes a repeated trace about a third faster)."""
+    if _CACHE_TARGET[0] != target.name:
+        clear = getattr(FakeTensorMode, "cache_clear", None)
+        if clear is not None:
+            clear()
+        _CACHE_TARGET[0] = target.name
+
+
 def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
     about = _about_the_model(model, options)
     model = eager_module(model)
     target = target_for(options.device, options.gpu, options.alloc_conf)
+    fake_cache_for(target)
     tracker = StorageTracker(target, SizePolicy(options.data_dependent))
     sharded = mesh is not None
     replicated = options.parallel is not None and not options.parallel.shards  # DDP
@@ -482,13 +499,15 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
                          f"tensor data; the step's: {', '.join(places[:8])}{', ...' if len(places) > 8 else ''}")
     new_position = tracker.fuse_accumulations()
     phase_starts = [(phase, it, new_position[start]) for phase, it, start in phase_starts]
+    for call in tracker.sized:
+        call.event_at = new_position[call.event_at]
     return Trace(
         target=target, records=tracker.records, events=tracker.events, event_ops=tracker.event_ops,
         phase_starts=phase_starts, modules=infos, param_records=param_records, grad_records=grad_records,
         state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()},
         assumptions=tracker.assumptions, op_count=tracker.op_count, flops=flops.counts,
         notes=tuple(about + tracker.notes + _upper_bound_note(tracker.assumptions)), shard_layout=tuple(shard_layout),
-        rank_keys=rank_keys,
+        rank_keys=rank_keys, sized=tuple(tracker.sized),
     )
 
 

@@ -618,9 +618,13 @@ def _cublas_workspace(tracker, func, args, kwargs):
 def cublas_handle_workspace(tracker) -> str:
     """The running thread's cuBLAS workspace, allocated at its first cuBLAS call and kept; returns the thread."""
     thread = "autograd thread" if tracker.where.phase is Phase.BACKWARD else "main thread"
-    tracker.allocate_persistent(("cublas", thread), tracker.target.gpu.cublas_workspace_bytes(),
-                                Category.WORKSPACE, f"cuBLAS workspace ({thread})")
+    tracker.allocate_sized(cublas_workspace, (thread,), Category.WORKSPACE, persistent=("cublas", thread))
     return thread
+
+
+def cublas_workspace(target, thread: str) -> list[tuple[str, int]]:
+    """The workspace of ``thread``'s cuBLAS handle on ``target``'s GPU."""
+    return [(f"cuBLAS workspace ({thread})", target.gpu.cublas_workspace_bytes())]
 
 
 def cublaslt_workspace_bytes(environ=os.environ) -> int:
@@ -677,24 +681,31 @@ def _reduction_scratch(tracker, func, args, kwargs):
         dims = args[1] if len(args) > 1 else kwargs.get("dim")
     keepdim = (args[2] if len(args) > 2 else kwargs.get("keepdim", False)) if dims is not None else False
     acc = 8 if (x.dtype == torch.float64 or not x.is_floating_point()) else 4  # arg_t: double, int64, float
-    gpu = tracker.target.gpu
-    launches = reduce_launches(tuple(x.shape), tuple(x.stride()), list(dims) if dims else None, x.element_size(),
-                               acc, out.element_size(), keepdim=bool(keepdim), sm_count=gpu.sm_count,
-                               max_threads_per_sm=gpu.threads_per_sm, input_vec_size=8 if x.element_size() == 2 else 4,
-                               input_storage_offset=x.storage_offset(), legacy_25=TORCH_VERSION < (2, 6))
-    if not launches:
-        return out
-    frees = []
-    if launches[0]["acc_buf_bytes"]:  # a 64-bit-indexed 16-bit reduction accumulates in float32 first
-        frees.append(tracker.allocate_scratch(launches[0]["acc_buf_bytes"], "reduction: float32 accumulation buffer"))
-    buffer = max(launch["buffer_bytes"] for launch in launches)
-    if buffer:
-        frees.append(tracker.allocate_scratch(buffer, "reduction: partial results across blocks"))
-        frees.append(tracker.allocate_scratch(max(launch["semaphore_bytes"] for launch in launches),
-                                              "reduction: block semaphores"))
-    for free in reversed(frees):
+    arguments = (tuple(x.shape), tuple(x.stride()), tuple(dims) if dims else None, x.element_size(), acc,
+                 out.element_size(), bool(keepdim), 8 if x.element_size() == 2 else 4, x.storage_offset())
+    for free in reversed(tracker.allocate_sized(reduction_scratch, arguments)):
         free()
     return out
+
+
+def reduction_scratch(target, shape, strides, dims, itemsize, acc, out_itemsize, keepdim, vec,
+                      offset) -> list[tuple[str, int]]:
+    """The scratch ``gpu_reduce_kernel`` allocates for one reduction on ``target``'s GPU, (label, bytes) in
+    allocation order."""
+    gpu = target.gpu
+    launches = reduce_launches(shape, strides, list(dims) if dims else None, itemsize, acc, out_itemsize,
+                               keepdim=keepdim, sm_count=gpu.sm_count, max_threads_per_sm=gpu.threads_per_sm,
+                               input_vec_size=vec, input_storage_offset=offset, legacy_25=TORCH_VERSION < (2, 6))
+    if not launches:
+        return []
+    made = []
+    if launches[0]["acc_buf_bytes"]:  # a 64-bit-indexed 16-bit reduction accumulates in float32 first
+        made.append(("reduction: float32 accumulation buffer", launches[0]["acc_buf_bytes"]))
+    buffer = max(launch["buffer_bytes"] for launch in launches)
+    if buffer:
+        made.append(("reduction: partial results across blocks", buffer))
+        made.append(("reduction: block semaphores", max(launch["semaphore_bytes"] for launch in launches)))
+    return made
 
 
 def _keep_optimizer_default(opt: torch.optim.Optimizer) -> None:

@@ -67,6 +67,22 @@ class StorageRecord:
 
 
 @dataclass
+class SizedCall:
+    """A rule's allocations sized by ``sizer(target, *arguments)`` (``StorageTracker.allocate_sized``): where
+    in the trace they were made, and the records they made there. Scratch is freed, in reverse, right after
+    it is allocated; a persistent workspace is kept."""
+
+    sizer: object
+    arguments: tuple
+    persistent: bool
+    record_at: int  # records made before the call
+    event_at: int  # events before the call
+    op_at: int  # the op count the call's events carry
+    context: tuple  # (category, module, phase, iteration) of the records it makes
+    made: tuple = ()  # record indices
+
+
+@dataclass
 class ModuleCall:
     """Where the tracer is: which module runs, in which phase and iteration."""
 
@@ -103,6 +119,7 @@ class StorageTracker(TorchDispatchMode):
         self.data = DataDependence(sizes or SizePolicy())  # sizes and values that depend on tensor data
         self.dispatch_rules = target.rules.ops
         self.records: list[StorageRecord] = []
+        self.sized: list[SizedCall] = []  # allocate_sized
         # the allocation order: (record index, True) for an allocation, (record index, False) for its free
         self.events: list[tuple[int, bool]] = []
         self.event_ops: list[int] = []
@@ -303,6 +320,30 @@ class StorageTracker(TorchDispatchMode):
         self._alloc(group, nbytes, label, birth=category)
 
         return lambda: self._free(group[0])
+
+    def allocate_sized(self, sizer, arguments: tuple, category: Category = Category.TEMPORARY,
+                       persistent=None) -> list:
+        """The allocations ``sizer(target, *arguments)`` lists, as (label, bytes) pairs in the order the
+        library makes them: scratch that the op frees (``allocate_scratch``; their frees are returned), or
+        with ``persistent=key`` a workspace made once per key and kept. The call is kept (``self.sized``)
+        with the records it made, so that a replay at another batch size or for another GPU of the same
+        kind can size them again from the same function (``sweep.Line``): a rule's scratch is rarely affine
+        in the batch (a reduction splits across more blocks as its input grows) and depends on the GPU."""
+        if persistent is not None:
+            if persistent in self._persistent:
+                return []
+            self._persistent.add(persistent)
+        call = SizedCall(sizer, arguments, persistent is not None, len(self.records), len(self.events), self.op_count,
+                         (category, self.current_module(), self.where.phase, self.where.iteration))
+        frees = []
+        for label, nbytes in sizer(self.target, *arguments):
+            if persistent is None:
+                frees.append(self.allocate_scratch(nbytes, label, category))
+            else:
+                self._alloc([], nbytes, label, birth=category)
+            call.made += (len(self.records) - 1,)
+        self.sized.append(call)
+        return frees
 
     def _free(self, rec: StorageRecord) -> None:
         rec.free_event = len(self.events)
