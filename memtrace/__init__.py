@@ -93,9 +93,9 @@ def report(
     ``nn.ModuleList`` or ``nn.Sequential`` of same-typed modules) under non-reentrant activation
     checkpointing; a list of module names checkpoints those modules instead.
     """
-    from .engine import eager_module, trace
+    from .engine import eager_module
     from .gpus import present
-    from .report import build_report
+    from .sweep import trace_step
 
     if verify and parallel is not None:
         raise ValueError("verify=True measures the step in this one process; a parallel= step runs on its ranks "
@@ -115,10 +115,7 @@ def report(
         train=train, gpu=gpu, checkpoint=checkpoint, alloc_conf=alloc_conf, data_dependent=data_dependent,
         parallel=parallel, world_size=world_size,
     )
-    if options.parallel is None:
-        result = build_report(eager, options, trace(model, options))
-    else:
-        result = _parallel_report(model, eager, options)
+    result = trace_step(model, eager, options).report()
     if verify:
         from dataclasses import replace
 
@@ -130,48 +127,3 @@ def report(
             train=train))
     return result
 
-
-def _parallel_report(model: torch.nn.Module, eager: torch.nn.Module, options) -> Report:
-    """One trace per group of ranks that hold different shards; the report of the rank with the largest peak,
-    listing every group."""
-    from dataclasses import replace
-
-    from .engine import trace
-    from .parallel import describe_ranks, rank_groups
-    from .report import build_report
-
-    spec = options.parallel
-    first = trace(model, options, rank=0)
-    groups = rank_groups(first.shard_layout, spec, first.rank_keys)
-    traces = [first] + [trace(model, options, rank=g[0]) for g in groups[1:]]
-    reports = [build_report(eager, options, t) for t in traces]
-    ranks = tuple(RankPeak(tuple(g), r.peak_bytes) for g, r in zip(groups, reports))
-    top = max(range(len(groups)), key=lambda i: (reports[i].peak_bytes, -i))
-    if spec.plan is not None:
-        code = "plan code"
-    elif not spec.shards:
-        code = "DistributedDataParallel (its reducer's buckets, gradient copies and buffer broadcasts)"
-        code += " and ZeroRedundancyOptimizer" if spec.zero else ""
-    else:
-        parts = [f"tensor parallel (parallelize_module, with {spec.tp_source})"] if spec.tp > 1 else []
-        code = " and ".join(parts + (["FSDP2 (fully_shard)"] if spec.fsdp * spec.replicate > 1 else []))
-    about = (f"Rank {groups[top][0]} of {spec.world_size} ({spec.describe()}), traced with PyTorch's own {code} on a "
-             "fake process group: collectives complete at once and move no data.")
-    if len(groups) > 1:
-        why = "different optimizer state (ZeroRedundancyOptimizer's partition)" if spec.zero else \
-            "different shards (dimensions that do not divide evenly)"
-        about += f" Ranks hold {why}; the rank with the largest peak is shown."
-        if any(len(g) > 1 for g in groups):
-            about += f" Ranks {describe_ranks(groups)} each hold the same memory."
-    if not spec.shards and len(groups) == 1:
-        about += " Every rank holds the same memory."
-    elif spec.plan is None and spec.fsdp * spec.replicate > 1:
-        units = len(spec.units)
-        about += (f" fully_shard wraps {units} module{'s' if units != 1 else ''}"
-                  + (f" ({spec.units[0]!r}{', ...' if units > 1 else ''})" if units else "") + " and the root.")
-    if options.device == "cuda":
-        about += " NCCL's own buffers are not counted (max_memory_allocated does not see them)"
-        about += ("; the reserved estimate does not model the separate pools of FSDP's all-gather and reduce-scatter "
-                  "streams." if spec.shards else ".")
-    return replace(reports[top], parallel=spec.describe(), world_size=spec.world_size, rank=groups[top][0],
-                   ranks=ranks, notes=(about,) + reports[top].notes)

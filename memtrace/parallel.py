@@ -760,10 +760,10 @@ def _chunk_rows(rows: int, parts: int, index: int) -> int:
     return max(0, min(size, rows - index * size))
 
 
-def describe_ranks(groups: list[list[int]]) -> str:
+def describe_ranks(groups) -> str:
     def runs(ranks):
         out, start = [], ranks[0]
-        for a, b in zip(ranks, ranks[1:] + [None]):
+        for a, b in zip(ranks, [*ranks[1:], None]):
             if b != a + 1:
                 out.append(f"{start}" if start == a else f"{start}-{a}")
                 if b is not None:
