@@ -457,7 +457,10 @@ def _predict(args, built) -> int:
     gpu = None
     if args.device == "cuda":  # the card the prediction was made for
         gpu = args.gpu or (present() if args.verify else lookup(DEFAULT_GPU))
-    answers = _answers(args, built.module, inputs, options, report, gpu)
+    from .planning import progress
+
+    with progress(sys.stderr) if sys.stderr.isatty() else contextlib.nullcontext():
+        answers = _answers(args, built.module, inputs, options, report, gpu)
     if args.plot:
         report.plot(args.plot)
     if args.snapshot:

@@ -16,10 +16,12 @@ from .units import format_bytes
 
 
 def _behaviour(card: GPU, attention: bool) -> tuple:
-    """What the CUDA target takes from a card (targets.py): which attention kernels its compute capability
-    has (flash from sm80, memory-efficient from sm50) and its cuBLAS workspace size; for a step that runs
-    fused attention, also what picks the memory-efficient kernel (cutlass_attention.py). Cards that agree
-    give identical estimates, so they share them."""
+    """What the CUDA target's choices take from a card (targets.py): which attention kernels its compute
+    capability has (flash from sm80, memory-efficient from sm50) and whether it is sm90 or newer (its
+    cuBLAS workspace size stands for that); for a step that runs fused attention, also what picks the
+    memory-efficient kernel (cutlass_attention.py). Cards that agree run the same ops and allocations; what
+    else a card decides is a size a rule computes from it (a reduction's scratch from its SM count, the
+    cuBLAS workspace), so the traces of one replay the others' steps (``sweep.Line``)."""
     coarse = (card.capability >= (8, 0), card.capability >= (5, 0), card.cublas_workspace_bytes())
     return coarse + (kernel_behaviour(card.capability) if attention else ())
 
@@ -49,7 +51,8 @@ class FitRow:
 class FitTable:
     batch_size: int
     rows: tuple[FitRow, ...]
-    estimates: int
+    estimates: int  # traced
+    replays: int = 0  # replayed from two traces that line up (sweep.Line)
 
     def table(self, fmt: str = "simple") -> str:
         rows = [[r.gpu, format_bytes(r.memory_bytes), format_bytes(r.usable_bytes),
@@ -58,13 +61,18 @@ class FitTable:
                  ("≥ " if r.largest.capped else "") + str(r.largest.batch_size)] for r in self.rows]
         body = tabulate(rows, headers=["GPU", "Memory", "Usable", f"Fits at batch {self.batch_size}", "Largest batch"],
                         tablefmt=fmt, disable_numparse=True, colalign=("left", "right", "right", "left", "right"))
-        return f"{body}\n\nUsable = memory − CUDA context − fragmentation share; {self.estimates} estimates"
+        how = f"{self.estimates} estimates traced"
+        if self.replays:
+            how += (f", {self.replays} replayed from them (where the traces' allocations line up, sizes affine in the "
+                    "batch); each card's largest batch lies between three or more traces its replay reproduces "
+                    "byte for byte")
+        return f"{body}\n\nUsable = memory − CUDA context − fragmentation share; {how}"
 
     def __str__(self) -> str:
         return self.table()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "estimates": self.estimates, "rows": [
+        return {"batch_size": self.batch_size, "estimates": self.estimates, "replays": self.replays, "rows": [
             {"gpu": r.gpu, "memory_bytes": r.memory_bytes, "usable_bytes": r.usable_bytes, "peak_bytes": r.peak_bytes,
              "fits": r.fits, "headroom_bytes": r.headroom_bytes, "max_batch_size": r.largest.batch_size,
              "capped": r.largest.capped} for r in self.rows]}
@@ -85,12 +93,38 @@ def fits(model: torch.nn.Module, sample_shape: Any = None, *, input_shape: Any =
     probe = max(cards, key=lambda card: card.capability)
     first = Estimates(model, batched, {**options, "gpu": probe})
     attention = _runs_fused_attention(first(batched.batch_size))
-    shared: dict[tuple, Estimates] = {_behaviour(probe, attention): first}
+    # cards that make the same choices share lines: the traces of one replay the others' steps, sized for each
+    leaders: dict[tuple, Estimates] = {_behaviour(probe, attention): first}
+    estimates = {probe.name: first}
+    for card in cards:
+        if card.name not in estimates:
+            leader = leaders.get(_behaviour(card, attention))
+            estimates[card.name] = Estimates(model, batched, {**options, "gpu": card}, lines_of=leader)
+            leaders.setdefault(_behaviour(card, attention), estimates[card.name])
+    limits = {card.name: memory_limit(None, card, context_bytes, fragmentation) for card in cards}
+    # each group traces the given batch and the one after it: a line through them replays the given batch for
+    # every card of the group (sized for each), unless the step changes there
+    given = batched.batch_size
+    for leader in leaders.values():
+        for b in (given, given + 1):
+            if b <= cap:
+                leader(b)
+    # every card's answers from replays first; then in each group the smallest answer and the batch after the
+    # largest are traced, so that every answer lies between traces its line reproduces, or is traced itself
+    answers: dict[tuple, list[int]] = {}
+    for card in cards:
+        found = search(estimates[card.name], limits[card.name], batched.batch_size, cap, trust="replay")
+        answers.setdefault(_behaviour(card, attention), []).append(found.batch_size)
+    for group, batches in answers.items():
+        for b in (min(batches), max(batches) + 1):
+            if 0 < b <= cap:
+                leaders[group](b)
     rows = []
     for card in cards:
-        estimate = shared.setdefault(_behaviour(card, attention), Estimates(model, batched, {**options, "gpu": card}))
-        mem = memory_limit(None, card, context_bytes, fragmentation)
-        largest = search(estimate, mem, batched.batch_size, cap)
-        rows.append(FitRow(card.name, card.memory_bytes, mem.limit_bytes, estimate(batched.batch_size).peak_bytes,
-                           largest))
-    return FitTable(batched.batch_size, tuple(rows), sum(len(e.reports) for e in shared.values()))
+        estimate, mem = estimates[card.name], limits[card.name]
+        largest = search(estimate, mem, batched.batch_size, cap, trust="span")
+        rows.append(FitRow(card.name, card.memory_bytes, mem.limit_bytes,
+                           estimate.settled(batched.batch_size, "span").peak_bytes, largest))
+    unique = {id(e): e for e in estimates.values()}.values()
+    return FitTable(batched.batch_size, tuple(rows), sum(len(e.reports) for e in unique),
+                    sum(len(e.replays) for e in unique))

@@ -8,9 +8,10 @@ each answer by estimating it and the batch size after it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -72,6 +73,49 @@ def limit_for(options: dict[str, Any], limit: Any, gpu: Any, context_bytes: Any,
     return memory_limit(limit, gpu, context_bytes, fragmentation)
 
 
+# ---- progress, for someone watching -------------------------------------------------------------------
+
+class Progress:
+    """Says on one terminal line what the answers are doing: each trace as it starts, with the traces and
+    replays so far (an answer over the catalog takes tens of seconds)."""
+
+    def __init__(self, stream):
+        self.stream, self.traced, self.replayed, self.shown = stream, 0, 0, False
+
+    def trace(self, batch: int, options: Mapping[str, Any]) -> None:
+        self.traced += 1
+        gpu = options.get("gpu")
+        on = f" for {getattr(gpu, 'name', gpu)}" if gpu is not None else ""
+        self._say(f"tracing batch {batch}{on} (trace {self.traced}; {self.replayed} replayed so far)")
+
+    def replay(self) -> None:
+        self.replayed += 1
+
+    def _say(self, text: str) -> None:
+        self.stream.write(f"\r\x1b[Kmemtrace: {text}")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+_PROGRESS: list[Progress | None] = [None]
+
+
+@contextlib.contextmanager
+def progress(stream):
+    """While the block runs, the answers' estimates say what they do on ``stream`` (a terminal)."""
+    shown, _PROGRESS[0] = _PROGRESS[0], Progress(stream)
+    try:
+        yield _PROGRESS[0]
+    finally:
+        _PROGRESS[0].close()
+        _PROGRESS[0] = shown
+
+
 # ---- inputs at any batch size ------------------------------------------------------------------------
 
 class Batched:
@@ -120,21 +164,187 @@ class Batched:
         return {"inputs": tuple(resize(t) for t in self.inputs)}
 
 
-class Estimates:
-    """``memtrace.report`` at any batch size with the same options, each batch size estimated once."""
+class _Regime:
+    """A line through two traces (``sweep.Line``) and the batch sizes it holds for: strictly between the
+    nearest traces on either side that it does not reproduce (the step changes there: a kernel's scratch
+    above some size, say), with the traces it reproduces byte for byte."""
 
-    def __init__(self, model: torch.nn.Module, batched: Batched, options: Mapping[str, Any]):
+    def __init__(self, line):
+        self.line = line
+        self.low, self.high = 0, math.inf
+        self.agreed: set[int] = set(line.batches)
+
+    def holds(self, batch: int) -> bool:
+        return self.low < batch < self.high
+
+    def exclude(self, batch: int) -> bool:
+        """Narrows the bounds to leave out ``batch``; False if it lies between the line's own batch sizes,
+        where nothing can be replayed."""
+        a, b = sorted(self.line.batches)
+        if a < batch < b:
+            return False
+        if batch < a:
+            self.low = max(self.low, batch)
+        else:
+            self.high = min(self.high, batch)
+        return True
+
+
+class Estimates:
+    """``memtrace.report`` at any batch size with the same options, each batch size traced at most once.
+
+    Where the traces at two batch sizes line up (``sweep.Line``: the same allocations in the same order, every
+    size affine in the batch), ``peak`` replays the allocator model on the line's sizes instead of tracing.
+    Every trace is compared with the replay of each line that covers it: one that differs narrows the
+    line's range to the batch sizes on this side of it (``_Regime``), and a trace no line covers may line up
+    with another such trace in a line of its own."""
+
+    _LOOSE = 4  # traces kept to line up later, at most
+
+    def __init__(self, model: torch.nn.Module, batched: Batched, options: Mapping[str, Any], replay: bool = True,
+                 lines_of: Estimates | None = None):
+        """``lines_of``: the estimates of the same step for another GPU that makes the same choices
+        (``gpufit._behaviour``), whose lines these share: a line replays the sizes that depend on the GPU
+        for the GPU asked for, and every trace of either checks the lines."""
+        from .engine import eager_module
+
         if "verify" in options:
             raise TypeError("verify= is not a planning option; verify a single report with memtrace.report")
         self.model, self.batched, self.options = model, batched, dict(options)
-        self.reports: dict[int, Report] = {}
+        self.eager = eager_module(model)
+        self.reports: dict[int, Report] = {}  # traced
+        self._cache: dict[int, tuple[_Regime, Report]] = {}  # batch -> the line that replayed it, the report
+        self.replay = replay
+        self.why_no_line: str | None = None if replay else "replays are off"
+        if lines_of is None:
+            self.regimes: list[_Regime] = []
+            self._loose: dict = {}  # (batch, estimates) -> sweep.Traced of traces no line reproduces, the latest few
+            self._family: list[Estimates] = [self]
+        else:
+            self.regimes, self._loose, self._family = lines_of.regimes, lines_of._loose, lines_of._family
+            self._family.append(self)
+
+    def _options(self, batch: int):
+        from .options import parse_options
+
+        return parse_options(self.eager, **self.batched.at(batch), **self.options)
 
     def __call__(self, batch: int) -> Report:
+        """The traced report at ``batch``."""
         if batch not in self.reports:
-            from . import report
+            from .sweep import trace_step
 
-            self.reports[batch] = report(self.model, **self.batched.at(batch), **self.options)
+            if _PROGRESS[0] is not None:
+                _PROGRESS[0].trace(batch, self.options)
+            traced = trace_step(self.model, self.eager, self._options(batch))
+            self.reports[batch] = traced.report()
+            if self.replay:
+                self._check(batch, traced)
         return self.reports[batch]
+
+    def _check(self, batch: int, traced) -> None:
+        """A new trace: checked against every line that covers it; if none reproduces it, lined up with the
+        traces no line reproduces, nearest batch size first."""
+        from .sweep import Line, NoLine
+
+        if self._against_lines(batch):
+            return
+        for key in sorted(self._loose, key=lambda k: abs(k[0] - batch)):
+            other = key[0]
+            if other == batch:
+                continue
+            try:
+                line = Line(self._loose[key], other, traced, batch)
+            except NoLine as exc:
+                self.why_no_line = f"batches {min(other, batch)} and {max(other, batch)}: {exc}"
+                continue
+            del self._loose[key]
+            regime = _Regime(line)
+            self.regimes.append(regime)
+            # every other trace in its range must agree with it, or narrows the range
+            for member in self._family:
+                for b in member.reports:
+                    if (b, member) in ((other, key[1]), (batch, self)) or not regime.holds(b):
+                        continue
+                    if member._replay_with(regime, b) == member.reports[b]:
+                        regime.agreed.add(b)
+                    elif not regime.exclude(b):
+                        self.regimes.remove(regime)
+                        break
+                else:
+                    continue
+                break
+            self.why_no_line = None
+            return
+        self._loose[(batch, self)] = traced
+        while len(self._loose) > self._LOOSE:
+            del self._loose[next(iter(self._loose))]
+
+    def _against_lines(self, batch: int) -> bool:
+        reproduced = False
+        for regime in list(self.regimes):
+            if not regime.holds(batch):
+                continue
+            if self._replay_with(regime, batch) == self.reports[batch]:
+                regime.agreed.add(batch)
+                reproduced = True
+            else:
+                self.why_no_line = f"the replay at batch {batch} differs from its trace"
+                if not regime.exclude(batch):
+                    self.regimes.remove(regime)
+        return reproduced
+
+    def _regime(self, batch: int) -> _Regime | None:
+        """The line that replays ``batch``: the one whose range holds it, if only one does (where two do,
+        the step changes somewhere between their traces, and a trace must say how)."""
+        holding = [r for r in self.regimes if r.holds(batch)]
+        return holding[0] if len(holding) == 1 else None
+
+    @property
+    def replays(self) -> dict[int, Report]:
+        """The batch sizes replayed so far whose line still holds there, and their reports."""
+        return {b: r for b, (regime, r) in self._cache.items() if b not in self.reports and self._regime(b) is regime}
+
+    def _replay_with(self, regime: _Regime, batch: int) -> Report | None:
+        traced = regime.line.at(batch, self._options(batch))
+        return None if traced is None else traced.report()
+
+    def _replay(self, batch: int) -> Report | None:
+        regime = self._regime(batch)
+        if regime is None:
+            return None
+        cached = self._cache.get(batch)
+        if cached is None or cached[0] is not regime:
+            replayed = self._replay_with(regime, batch)
+            if replayed is None:
+                return None
+            self._cache[batch] = cached = (regime, replayed)
+            if _PROGRESS[0] is not None:
+                _PROGRESS[0].replay()
+        return cached[1]
+
+    def between_agreeing(self, batch: int) -> bool:
+        """Whether ``batch`` is replayed by a line that reproduces a trace at ``batch`` (for another GPU of
+        the same kind), or three or more traces, byte for byte, on both sides of it."""
+        regime = self._regime(batch)
+        return regime is not None and (batch in regime.agreed or (
+            len(regime.agreed) >= 3 and min(regime.agreed) <= batch <= max(regime.agreed)))
+
+    def settled(self, batch: int, trust: str) -> Report:
+        """The report an answer gives at ``batch``: traced; with ``trust="span"`` a replay between traces its
+        line reproduces (``between_agreeing``); with ``trust="replay"`` any replay."""
+        if batch not in self.reports and (trust == "replay" or (trust == "span" and self.between_agreeing(batch))):
+            replayed = self._replay(batch)
+            if replayed is not None:
+                return replayed
+        return self(batch)
+
+    def peak(self, batch: int) -> int:
+        """The predicted peak at ``batch``: traced, or replayed from a line that holds there."""
+        if batch in self.reports:
+            return self.reports[batch].peak_bytes
+        replayed = self._replay(batch)
+        return replayed.peak_bytes if replayed is not None else self(batch).peak_bytes
 
 
 # ---- the largest batch that fits ----------------------------------------------------------------------
@@ -145,9 +355,10 @@ class MaxBatch:
     limit: MemoryLimit
     report: Report | None  # at batch_size (None when 0)
     next_report: Report | None  # at batch_size + 1 (None when capped)
-    estimates: int  # memtrace.report calls the search made
+    estimates: int  # traces the search made
     capped: bool  # batch_size is the cap and fits: the true answer may be larger
     peaks: Mapping[int, int]  # every batch size estimated -> its predicted peak
+    replays: int = 0  # estimates replayed from two traces that line up (sweep.Line), not traced
 
     @property
     def fits(self) -> bool:
@@ -174,18 +385,26 @@ class MaxBatch:
                          "<- answer" if b == self.batch_size else ""])
         body = tabulate(rows, headers=["Batch", "Predicted peak", "Against the limit", "Note"], tablefmt=fmt,
                         disable_numparse=True, colalign=("right", "right", "right", "left"))
-        return f"{self.headline()}\n\n{body}\n\n{self.estimates} estimates"
+        return f"{self.headline()}\n\n{body}\n\n{_estimates_text(self.estimates, self.replays)}"
 
     def __str__(self) -> str:
         return self.table()
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "fits": self.fits, "capped": self.capped,
-                "limit": self.limit.to_dict(), "estimates": self.estimates,
+                "limit": self.limit.to_dict(), "estimates": self.estimates, "replays": self.replays,
                 "headroom_bytes": self.headroom_bytes,
                 "peak_bytes": None if self.report is None else self.report.peak_bytes,
                 "next_peak_bytes": None if self.next_report is None else self.next_report.peak_bytes,
                 "peaks": {str(b): p for b, p in sorted(self.peaks.items())}}
+
+
+def _estimates_text(traces: int, replays: int) -> str:
+    text = f"{traces} estimate{'s' if traces != 1 else ''} traced"
+    if replays:
+        text += (f", {replays} replayed from the traces (their allocations line up, sizes affine in the batch; "
+                 "the answer and the batch after it are traced)")
+    return text
 
 
 def _one_report_guess(r: Report, batch: int, limit: int) -> int:
@@ -196,24 +415,41 @@ def _one_report_guess(r: Report, batch: int, limit: int) -> int:
     return math.floor((limit - fixed) / per_sample) if per_sample > 0 else batch
 
 
-def search(estimate: Estimates, limit: MemoryLimit, start: int, cap: int = DEFAULT_CAP) -> MaxBatch:
+def search(estimate: Estimates, limit: MemoryLimit, start: int, cap: int = DEFAULT_CAP,
+           trust: str = "traced") -> MaxBatch:
     """The largest batch b <= cap whose estimate fits, with b + 1 estimated not to fit.
 
     The first candidate comes from one estimate's split into fixed and per-sample bytes, and its estimate
     is the second point of a line; each later candidate c comes from the line through the estimates nearest
     the limit and is confirmed by estimating c + 1 if c fits, c - 1 if not: three estimates when memory
     is affine in the batch. After a few lines the search bisects (doubling while nothing is over the
-    limit), so it ends after at most about 2 log2(cap) more estimates where memory is far from affine."""
+    limit), so it ends after at most about 2 log2(cap) more estimates where memory is far from affine.
+
+    Estimates after the first two are replays where the traces line up (``Estimates.peak``). The answer
+    and the batch after it are traced (``trust="traced"``), or with ``trust="span"`` replayed where they
+    lie between three or more traces the replay reproduces exactly; a trace that differs from its replay
+    makes the search run again without the replays it contradicts."""
+    if trust not in ("traced", "span", "replay"):
+        raise ValueError(f"trust={trust!r}: 'traced', 'span' or 'replay'")
     if cap < 1:
         raise ValueError(f"cap={cap!r} must be >= 1")
-    before = set(estimate.reports)
+    before, replays_before = set(estimate.reports), set(estimate.replays)
+    result = _search(estimate, limit, start, cap, trust)
+    while not set(result.peaks) <= set(estimate.reports) | set(estimate.replays):
+        result = _search(estimate, limit, start, cap, trust)  # a trace contradicted replays it used: again without them
+    return replace(result, estimates=len(set(estimate.reports) - before),
+                   replays=len(set(estimate.replays) - replays_before - set(estimate.reports)))
+
+
+def _search(estimate: Estimates, limit: MemoryLimit, start: int, cap: int, trust: str) -> MaxBatch:
     target = limit.limit_bytes
     # estimates made before for other limits (fits() shares them between cards) are points for the line too
     peaks: dict[int, int] = {b: r.peak_bytes for b, r in estimate.reports.items() if b <= cap}
+    peaks.update((b, r.peak_bytes) for b, r in estimate.replays.items() if b <= cap)
 
     def peak(b: int) -> int:
         if b not in peaks:
-            peaks[b] = estimate(b).peak_bytes
+            peaks[b] = estimate.peak(b)
         return peaks[b]
 
     def bracket() -> tuple[int, int | None]:
@@ -222,8 +458,9 @@ def search(estimate: Estimates, limit: MemoryLimit, start: int, cap: int = DEFAU
         return lo, hi
 
     start = max(1, min(start, cap))
-    peak(start)
-    guess = _one_report_guess(estimate(start), start, target)
+    first = estimate.settled(start, trust)
+    peaks.setdefault(start, first.peak_bytes)
+    guess = _one_report_guess(first, start, target)
     lines = gallop = 0
     for _ in range(4 * cap.bit_length() + _LINE_ROUNDS + 2):
         lo, hi = bracket()
@@ -245,11 +482,11 @@ def search(estimate: Estimates, limit: MemoryLimit, start: int, cap: int = DEFAU
         for b in fresh:
             peak(b)
     lo, hi = bracket()
+    report = estimate.settled(lo, trust) if lo else None
+    next_report = estimate.settled(hi, trust) if hi is not None else None
     return MaxBatch(
-        batch_size=lo, limit=limit, report=estimate(lo) if lo else None,
-        next_report=estimate(hi) if hi is not None else None,
-        estimates=len(set(estimate.reports) - before), capped=hi is None and lo == cap,
-        peaks=MappingProxyType(dict(sorted(peaks.items()))),
+        batch_size=lo, limit=limit, report=report, next_report=next_report, estimates=0,
+        capped=hi is None and lo == cap, peaks=MappingProxyType(dict(sorted(peaks.items()))),
     )
 
 
