@@ -63,9 +63,8 @@ class FitTable:
                         tablefmt=fmt, disable_numparse=True, colalign=("left", "right", "right", "left", "right"))
         how = f"{self.estimates} estimates traced"
         if self.replays:
-            how += (f", {self.replays} replayed from them (where the traces' allocations line up, sizes affine in the "
-                    "batch); each card's largest batch lies between three or more traces its replay reproduces "
-                    "byte for byte")
+            how += (f", {self.replays} replayed from them;\neach card's answer is traced, or replayed between "
+                    "traces its replay reproduces byte for byte")
         return f"{body}\n\nUsable = memory − CUDA context − fragmentation share; {how}"
 
     def __str__(self) -> str:
