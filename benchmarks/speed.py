@@ -15,14 +15,16 @@ steps are. Each figure is the best of ``--repeat`` runs. A last row traces a 7B 
 (sequence 2048, batch 1, AdamW) in a fresh subprocess and reports its time, the process's RSS after
 building the model and its peak RSS (VmHWM, reset after the build) while report runs.
 Targets (reported, not asserted): report <= 1.5x bare meta and >= 3x faster than MemTracker on every
-model; the 7B under 5 s.
+model; the 7B under 5 s. ``--planning`` times the answers built from several estimates (max_batch_size,
+fits over the catalog, levers) against one report, with replays and with every estimate traced.
 
-    python benchmarks/speed.py [--quick] [--only NAME[,NAME]] [--markdown] [--repeat 3] [--no-7b]
+    python benchmarks/speed.py [--quick] [--only NAME[,NAME]] [--markdown] [--repeat 3] [--no-7b] [--planning]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import resource
@@ -38,7 +40,7 @@ from tabulate import tabulate
 import memtrace
 from memtrace.options import Phase, parse_options
 from memtrace.step import run_steps
-from models import Case, _tokens, llama_7b, select
+from models import Case, _tokens, _tv, gpt2, llama_7b, select
 
 STEPS = 2
 TARGET_BARE_RATIO = 1.5
@@ -229,6 +231,96 @@ def llama7b(repeat: int) -> dict:
     return {"report_error": f"child exited {proc.returncode}: {proc.stderr.strip()[-300:]}"}
 
 
+# ---- answers built from several estimates -------------------------------------------------------------
+
+TARGET_PLANNING = {"max_batch_size": 1.5, "fits": 3.0, "levers": 3.0}
+
+
+@contextlib.contextmanager
+def _traces_only():
+    """Planning answers with every estimate traced, as before replays: the baseline of the same run."""
+    from memtrace import planning
+
+    init = planning.Estimates.__init__
+
+    def traced_only(self, *args, replay=True, **kwargs):
+        init(self, *args, replay=False, **kwargs)
+
+    planning.Estimates.__init__ = traced_only
+    try:
+        yield
+    finally:
+        planning.Estimates.__init__ = init
+
+
+def _cold(call):
+    """``call`` with FakeTensorMode's dispatch cache emptied first: an answer run after another at the same
+    batch sizes would find the shapes cached."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def run():
+        FakeTensorMode.cache_clear()
+        return call()
+    return run
+
+
+def planning_rows() -> list[dict]:
+    """Each answer's time against one report of the same step, with replays and with traces only, each
+    from an empty FakeTensorMode cache."""
+    rows = []
+    for name, factory, kwargs, gpu in (("resnet50", _tv("resnet50"), {"input_shape": (32, 3, 224, 224)}, "A5000"),
+                                       ("gpt2", gpt2, {"inputs": _tokens(4, 256)}, "A5000")):
+        model = factory()
+        with quiet_stderr():
+            one, _ = best_of(_cold(lambda: memtrace.report(model, **kwargs, gpu=gpu)), 2)
+            answers = (
+                ("max_batch_size", lambda: memtrace.max_batch_size(model, **kwargs, gpu=gpu)),
+                ("fits", lambda: memtrace.fits(model, **kwargs)),
+                ("levers", lambda: memtrace.levers(model, **_bigger(kwargs, 16), gpu=gpu)),
+            )
+            for answer, call in answers:
+                row = {"model": name, "answer": answer, "report_s": one}
+                for how in ("replays", "traces"):
+                    with (_traces_only() if how == "traces" else contextlib.nullcontext()):
+                        t, result = best_of(_cold(call), 1)
+                    row[f"{how}_s"], row[f"{how}_result"] = t, _answer_text(result)
+                    row[f"{how}_estimates"] = getattr(result, "estimates", None)
+                rows.append(row)
+    return rows
+
+
+def _bigger(kwargs: dict, factor: int) -> dict:
+    """The same inputs at ``factor`` times the batch (a step that does not fit, for levers)."""
+    if "input_shape" in kwargs:
+        shape = kwargs["input_shape"]
+        return {"input_shape": (shape[0] * factor, *shape[1:])}
+    return {"inputs": {k: torch.empty((t.shape[0] * factor, *t.shape[1:]), dtype=t.dtype, device="meta")
+                       for k, t in kwargs["inputs"].items()}}
+
+
+def _answer_text(result) -> str:
+    if isinstance(result, memtrace.MaxBatch):
+        return str(result.batch_size)
+    if isinstance(result, memtrace.FitTable):
+        return "/".join(str(r.largest.batch_size) for r in result.rows)
+    return "; ".join(f"{lv.label}: {lv.report.peak_bytes}" for lv in result.levers)
+
+
+def planning_table(rows: list[dict], markdown: bool) -> str:
+    out = []
+    for r in rows:
+        target = TARGET_PLANNING[r["answer"]]
+        ratio = r["replays_s"] / r["report_s"]
+        out.append([r["model"], r["answer"], f"{r['report_s']:.2f}", f"{r['traces_s']:.2f}",
+                    f"{r['traces_s'] / r['report_s']:.1f}", f"{r['replays_s']:.2f}", f"{ratio:.1f}",
+                    f"≤ {target:g}: {'met' if ratio <= target else 'NOT met'}",
+                    "same" if r["replays_result"] == r["traces_result"] else "DIFFERENT"])
+    headers = ["model", "answer", "one report s", "traces only s", "/ report", "with replays s", "/ report",
+               "target", "answer vs traces only"]
+    return tabulate(out, headers=headers, tablefmt="github" if markdown else "simple", disable_numparse=True,
+                    colalign=("left", "left") + ("right",) * 5 + ("left", "left"))
+
+
 # ---- presentation ------------------------------------------------------------------------------------
 
 def _s(row: dict, key: str) -> str:
@@ -284,6 +376,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs (default 3)")
     ap.add_argument("--no-7b", action="store_true", help="skip the 7B LLaMA row")
     ap.add_argument("--only-7b", action="store_true", help="only the 7B LLaMA row")
+    ap.add_argument("--planning", action="store_true",
+                    help="only the answers (max_batch_size, fits, levers) against one report")
     ap.add_argument("--llama7b-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.llama7b_child:
@@ -293,6 +387,14 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for line in header():
         print(line)
+    if args.planning:
+        print("answers: each once, with replays (the default) and with every estimate traced, against the best "
+              "of 2 reports of the same step, each from an empty FakeTensorMode cache (device='cuda', "
+              "gpu='A5000'; fits over the whole catalog; levers at 16 times the batch)")
+        print()
+        print(planning_table(planning_rows(), args.markdown))
+        print(f"\nwall time: {time.perf_counter() - start:.1f} s")
+        return 0
     cases = [] if args.only_7b else select(args.only, args.quick)
     print(f"speed: {len(cases)} models, {STEPS} training steps, Adam, best of {args.repeat}; report is "
           "device='cuda' (traced on fake CPU tensors); MemTracker runs on fake CPU tensors; model building "

@@ -124,6 +124,5 @@ def fits(model: torch.nn.Module, sample_shape: Any = None, *, input_shape: Any =
         largest = search(estimate, mem, batched.batch_size, cap, trust="span")
         rows.append(FitRow(card.name, card.memory_bytes, mem.limit_bytes,
                            estimate.settled(batched.batch_size, "span").peak_bytes, largest))
-    unique = {id(e): e for e in estimates.values()}.values()
-    return FitTable(batched.batch_size, tuple(rows), sum(len(e.reports) for e in unique),
-                    sum(len(e.replays) for e in unique))
+    return FitTable(batched.batch_size, tuple(rows), sum(len(e.reports) for e in estimates.values()),
+                    sum(len(e.replays) for e in estimates.values()))
