@@ -14,6 +14,7 @@ later trace and bounds where it holds.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -151,14 +152,15 @@ def _skeleton(t: Trace) -> _Skeleton:
         before[k + 1] = 1
     for p in range(1, len(before)):
         before[p] += before[p - 1]
-    records_before = lambda at: sum(1 for r in records if r.index < at)
+    indices = [r.index for r in records]
+    call_events = [call.event_at for call in t.sized]  # in order: the calls were made one after another
     return _Skeleton(
         records=records, rank=rank,
         events=[(rank[t.events[k][0]], t.events[k][1]) for k in kept],
         event_ops=[t.event_ops[k] for k in kept],
         # a phase starts after the calls made before it, even where no other event lies between them
-        phase_starts=[(ph, it, before[p], sum(1 for call in t.sized if call.event_at < p)) for ph, it, p in t.phase_starts],
-        calls=[(call, records_before(call.record_at), before[call.event_at]) for call in t.sized])
+        phase_starts=[(ph, it, before[p], bisect.bisect_left(call_events, p)) for ph, it, p in t.phase_starts],
+        calls=[(call, bisect.bisect_left(indices, call.record_at), before[call.event_at]) for call in t.sized])
 
 
 class _TraceLine:
