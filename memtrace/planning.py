@@ -215,7 +215,6 @@ class Estimates:
         self.reports: dict[int, Report] = {}  # traced
         self._cache: dict[int, tuple[_Regime, Report]] = {}  # batch -> the line that replayed it, the report
         self.replay = replay
-        self.why_no_line: str | None = None if replay else "replays are off"
         if lines_of is None:
             self.regimes: list[_Regime] = []
             self._loose: dict = {}  # (batch, estimates) -> sweep.Traced of traces no line reproduces, the latest few
@@ -247,16 +246,16 @@ class Estimates:
         traces no line reproduces, nearest batch size first."""
         from .sweep import Line, NoLine
 
-        if self._against_lines(batch):
+        reproduced = [self._compare(regime, batch) for regime in list(self.regimes) if regime.holds(batch)]
+        if any(reproduced):
             return
         for key in sorted(self._loose, key=lambda k: abs(k[0] - batch)):
-            other = key[0]
+            other, owner = key
             if other == batch:
                 continue
             try:
                 line = Line(self._loose[key], other, traced, batch)
-            except NoLine as exc:
-                self.why_no_line = f"batches {min(other, batch)} and {max(other, batch)}: {exc}"
+            except NoLine:
                 continue
             del self._loose[key]
             regime = _Regime(line)
@@ -264,35 +263,23 @@ class Estimates:
             # every other trace in its range must agree with it, or narrows the range
             for member in self._family:
                 for b in member.reports:
-                    if (b, member) in ((other, key[1]), (batch, self)) or not regime.holds(b):
-                        continue
-                    if member._replay_with(regime, b) == member.reports[b]:
-                        regime.agreed.add(b)
-                    elif not regime.exclude(b):
-                        self.regimes.remove(regime)
-                        break
-                else:
-                    continue
-                break
-            self.why_no_line = None
+                    if (b, member) not in ((other, owner), (batch, self)) and regime in self.regimes \
+                            and regime.holds(b):
+                        member._compare(regime, b)
             return
         self._loose[(batch, self)] = traced
         while len(self._loose) > self._LOOSE:
             del self._loose[next(iter(self._loose))]
 
-    def _against_lines(self, batch: int) -> bool:
-        reproduced = False
-        for regime in list(self.regimes):
-            if not regime.holds(batch):
-                continue
-            if self._replay_with(regime, batch) == self.reports[batch]:
-                regime.agreed.add(batch)
-                reproduced = True
-            else:
-                self.why_no_line = f"the replay at batch {batch} differs from its trace"
-                if not regime.exclude(batch):
-                    self.regimes.remove(regime)
-        return reproduced
+    def _compare(self, regime: _Regime, batch: int) -> bool:
+        """Whether ``regime``'s replay at ``batch`` is this estimate's trace there; where it is not, the
+        regime's range narrows to leave ``batch`` out, or the regime is dropped."""
+        if self._replay_with(regime, batch) == self.reports[batch]:
+            regime.agreed.add(batch)
+            return True
+        if not regime.exclude(batch):
+            self.regimes.remove(regime)
+        return False
 
     def _regime(self, batch: int) -> _Regime | None:
         """The line that replays ``batch``: the one whose range holds it, if only one does (where two do,
