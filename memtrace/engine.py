@@ -11,6 +11,7 @@ import contextlib
 import copy
 import logging
 import random
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -326,12 +327,18 @@ def _install_hooks(model, infos, tracker, first: bool = False) -> list:
             tracker.enter_module(_name, (type(mod).__name__, shapes))
 
         def post(mod, args, out, _info=info):
+            failing = sys.exc_info()[1]
+            if out is None and failing is not None and type(failing).__name__ != "_StopRecomputationError":
+                return  # the step fails here: the error names the module it failed in
             if _info.output_shape is None:
                 _info.output_shape = _shape_of(out)
             tracker.exit_module()
 
         handles.append(module.register_forward_pre_hook(pre, prepend=first))
-        handles.append(module.register_forward_hook(post))
+        # always_call: checkpointing stops a recomputed forward early by raising from inside it
+        # (_StopRecomputationError), and the module must still be left, or the allocations after it (the
+        # optimizer's) are put in that module
+        handles.append(module.register_forward_hook(post, always_call=True))
     return handles
 
 
