@@ -58,6 +58,9 @@ class Trace:
     shard_layout: tuple = ()  # sharded: each parameter's global shape and the dimension tensor parallel shards
     rank_keys: tuple = ()  # what each rank holds, where the trace knows it for every rank (ZeRO's partitions)
     sized: tuple = ()  # rules' scratch sized by a function of the op's shapes: StorageTracker.allocate_sized
+    # per event, for a free, the module running when it happened (None for an allocation); what depth.splice
+    # lines up by. Empty in a trace a batch line builds (sweep.Line).
+    free_modules: list = field(default_factory=list)
 
 
 def remember(table: dict[str, list[StorageRecord]], key: str, rec: StorageRecord | None) -> None:
@@ -252,7 +255,7 @@ def eager_module(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _about_the_model(model: torch.nn.Module, options: Options) -> list[str]:
+def about_the_model(model: torch.nn.Module, options: Options) -> list[str]:
     """What the report must say about how the model given differs from the step traced."""
     notes = []
     compiled = [name or "the root module" for name, m in model.named_modules()
@@ -369,7 +372,7 @@ def fake_cache_for(target: Target) -> None:
 
 
 def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
-    about = _about_the_model(model, options)
+    about = about_the_model(model, options)
     model = eager_module(model)
     target = target_for(options.device, options.gpu, options.alloc_conf)
     fake_cache_for(target)
@@ -514,7 +517,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
         state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()},
         assumptions=tracker.assumptions, op_count=tracker.op_count, flops=flops.counts,
         notes=tuple(about + tracker.notes + _upper_bound_note(tracker.assumptions)), shard_layout=tuple(shard_layout),
-        rank_keys=rank_keys, sized=tuple(tracker.sized),
+        rank_keys=rank_keys, sized=tuple(tracker.sized), free_modules=tracker.free_modules,
     )
 
 

@@ -43,13 +43,28 @@ class Traced:
 
 def trace_step(model: torch.nn.Module, eager: torch.nn.Module, options: Options) -> Traced:
     if options.parallel is None:
-        return Traced(eager, options, (trace(model, options),), ((0,),))
+        return Traced(eager, options, (_single(model, eager, options),), ((0,),))
     from .parallel import rank_groups
 
     first = trace(model, options, rank=0)
     groups = rank_groups(first.shard_layout, options.parallel, first.rank_keys)
     traces = (first,) + tuple(trace(model, options, rank=g[0]) for g in groups[1:])
     return Traced(eager, options, traces, tuple(tuple(g) for g in groups))
+
+
+def _single(model: torch.nn.Module, eager: torch.nn.Module, options: Options) -> Trace:
+    """The step on one GPU: a deep stack of identical layers spliced from traces of a few of them
+    (``depth.splice``, checked against a traced depth); traced whole where the splice does not line up or
+    the model cannot run cut (whatever made it fail, the whole trace meets it again and says so)."""
+    from . import depth
+
+    stack = depth.find_stack(eager, options) if depth.ENABLED else None
+    if stack is not None:
+        try:
+            return depth.splice(eager, options, stack, shown=model)
+        except Exception:
+            pass
+    return trace(model, options)
 
 
 def assemble(traced: Traced) -> Report:
@@ -287,7 +302,7 @@ class _TraceLine:
         sized = []
         for ((call, arguments, _, _), mine) in zip(self.calls, call_records):
             sized.append(replace(call, arguments=arguments(batch), made=tuple(mine)))
-        return replace(base, target=target, records=records, events=events, event_ops=event_ops,
+        return replace(base, target=target, records=records, events=events, event_ops=event_ops, free_modules=[],
                        phase_starts=phase_starts, modules=modules, flops=flops, sized=tuple(sized), **tables)
 
 

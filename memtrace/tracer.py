@@ -56,6 +56,7 @@ class StorageRecord:
     role: Category | None = None  # gradient or optimizer state, learnt after birth
     host: bool = False  # lives in host memory on the target device (e.g. Adam's step counter on CUDA)
     sums_into: int | None = None  # record of the engine's buffered gradient this sum could have reused
+    follows: int | None = None  # a foreach op's output: the record of its input at the same place in the list
 
     @property
     def category(self) -> Category:
@@ -123,6 +124,7 @@ class StorageTracker(TorchDispatchMode):
         # the allocation order: (record index, True) for an allocation, (record index, False) for its free
         self.events: list[tuple[int, bool]] = []
         self.event_ops: list[int] = []
+        self.free_modules: list[str | None] = []  # per event: for a free, the module running (None: an allocation)
         self.op_count = 0
         self.recording = True
         self.notes: list[str] = []  # what a rule says the prediction leaves out, once each
@@ -176,6 +178,10 @@ class StorageTracker(TorchDispatchMode):
             self.flops.count(func, args, kwargs, out, self.where.phase)
         if self.recording:
             self.record_outputs(out, func)
+            if isinstance(out, list) and out:
+                self._follow_list(func, args, out)
+            elif self.where.phase is Phase.OPTIMIZER:
+                self._follow(func, args, out)
             if (func is _ADD and isinstance(out, torch.Tensor) and self._accumulating is not None
                     and self.where.phase is Phase.BACKWARD):
                 self._note_accumulation(out, args)
@@ -192,6 +198,34 @@ class StorageTracker(TorchDispatchMode):
             for t in (out if isinstance(out, (tuple, list)) else tree_flatten(out)[0]):
                 if isinstance(t, torch.Tensor):
                     self._see(t, func)
+
+    def _follow_list(self, func, args, out: list) -> None:
+        """Each output of a foreach op (one per tensor of its input list) made here follows its input: the
+        optimizer's temporaries belong to the parameter whose state or gradient they were computed from."""
+        if not func.__name__.startswith("_foreach_"):
+            return
+        inputs = next((a for a in args if isinstance(a, (list, tuple)) and len(a) == len(out)), None)
+        if inputs is None:
+            return
+        for t, source in zip(out, inputs):
+            if isinstance(t, torch.Tensor) and isinstance(source, torch.Tensor):
+                rec, followed = self.record_of(t), self.record_of(source)
+                if rec is not None and followed is not None and rec.op is func and rec.follows is None \
+                        and rec is not followed:
+                    rec.follows = followed.index
+
+    def _follow(self, func, args, out) -> None:
+        """An optimizer op's new outputs follow its first tensor input (a for-loop optimizer works one
+        parameter at a time: its temporaries belong to that parameter's state or gradient)."""
+        source = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        followed = None if source is None else self.record_of(source)
+        if followed is None:
+            return
+        for t in (out,) if isinstance(out, torch.Tensor) else out if isinstance(out, tuple) else ():
+            if isinstance(t, torch.Tensor):
+                rec = self.record_of(t)
+                if rec is not None and rec.op is func and rec.follows is None and rec is not followed:
+                    rec.follows = followed.index
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -303,6 +337,7 @@ class StorageTracker(TorchDispatchMode):
         self.records.append(rec)
         self.events.append((rec.index, True))
         self.event_ops.append(self.op_count)
+        self.free_modules.append(None)
         group.append(rec)
 
     def allocate_persistent(self, key, nbytes: int, category: Category, label: str) -> None:
@@ -349,6 +384,7 @@ class StorageTracker(TorchDispatchMode):
         rec.free_event = len(self.events)
         self.events.append((rec.index, False))
         self.event_ops.append(self.op_count)
+        self.free_modules.append(self.current_module())
 
     def _freed_callback(self, key):
         def freed(_ref):
@@ -497,12 +533,13 @@ class StorageTracker(TorchDispatchMode):
                     operand.nbytes = 0
                     break
         kept_before = [0]  # kept_before[i]: how many of the first i events survive
-        events, event_ops = [], []
-        for event, op in zip(self.events, ops):
+        events, event_ops, free_modules = [], [], []
+        for event, op, module in zip(self.events, ops, self.free_modules):
             event = replace.get(event, event)
             if event is not None:
                 events.append(event)
                 event_ops.append(op)
+                free_modules.append(module if not event[1] else None)
             kept_before.append(len(events))
-        self.events, self.event_ops = events, event_ops
+        self.events, self.event_ops, self.free_modules = events, event_ops, free_modules
         return kept_before
