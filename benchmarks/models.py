@@ -93,6 +93,12 @@ def llama_7b() -> nn.Module:
     return llama(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000, max_pos=4096)
 
 
+def llama_70b() -> nn.Module:
+    """LLaMA-2-70B's shape (69 B parameters; grouped-query attention, 8 key/value heads). Build it under
+    ``torch.device("meta")``."""
+    return llama(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=32000, max_pos=4096)
+
+
 def mixtral(hidden=512, intermediate=1024, layers=4, heads=8, kv_heads=2, experts=8, top_k=2,
             vocab=16000) -> nn.Module:
     """A mixture-of-experts language model; transformers 5 runs its experts through torch._grouped_mm."""

@@ -11,11 +11,13 @@ For every suite model (two training steps, Adam, ``device="cuda"``, the default)
   (c) PyTorch's ``torch.distributed._tools.mem_tracker.MemTracker`` over the same steps under
       ``FakeTensorMode`` (fake CPU tensors: fake CUDA tensors cannot run backward without a GPU).
 For (b) and (c) building the model is not timed (it happens once, before); optimizer creation and the
-steps are. Each figure is the best of ``--repeat`` runs. A last row traces a 7B LLaMA built on meta
-(sequence 2048, batch 1, AdamW) in a fresh subprocess and reports its time, the process's RSS after
-building the model and its peak RSS (VmHWM, reset after the build) while report runs.
+steps are. Each figure is the best of ``--repeat`` runs. A last table traces deep models built on meta
+(a 7B LLaMA at sequence 2048, a 70B at 4096), each in a fresh subprocess: report (its layers spliced from
+traces of 2, 3 and 4), the same report with every layer traced, bare meta execution, whether the two
+reports are the same JSON, the process's RSS after building the model and its peak RSS (VmHWM, reset after
+the build) while report runs.
 Targets (reported, not asserted): report <= 1.5x bare meta and >= 3x faster than MemTracker on every
-model; the 7B under 5 s. ``--planning`` times the answers built from several estimates (max_batch_size,
+suite model; a deep model's report <= 1x its bare meta execution. ``--planning`` times the answers built from several estimates (max_batch_size,
 fits over the catalog, levers) against one report, with replays and with every estimate traced.
 
     python benchmarks/speed.py [--quick] [--only NAME[,NAME]] [--markdown] [--repeat 3] [--no-7b] [--planning]
@@ -40,12 +42,12 @@ from tabulate import tabulate
 import memtrace
 from memtrace.options import Phase, parse_options
 from memtrace.step import run_steps
-from models import Case, _tokens, _tv, gpt2, llama_7b, select
+from models import Case, _tokens, _tv, gpt2, llama_7b, llama_70b, select
 
 STEPS = 2
 TARGET_BARE_RATIO = 1.5
 TARGET_MEMTRACKER_RATIO = 3.0
-TARGET_7B_S = 5.0
+TARGET_DEEP_RATIO = 1.0  # report / bare meta execution of a deep model
 
 
 def best_of(fn, repeat: int) -> tuple[float, object]:
@@ -195,40 +197,84 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def llama7b_child(repeat: int) -> dict:
+DEEP = {  # name -> (factory, batch, sequence, report options, description)
+    "llama_7b": (llama_7b, 1, 2048, {"optimizer": "adamw"},
+                 "7B LLaMA (hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 32000), batch 1 x 2048, "
+                 "AdamW, float32"),
+    "llama_70b": (llama_70b, 1, 4096, {"optimizer": "adamw", "amp": "bf16"},
+                  "70B LLaMA (hidden 8192, intermediate 28672, 80 layers, 64 heads / 8 key-value heads, vocab "
+                  "32000), batch 1 x 4096, AdamW, bf16 AMP"),
+}
+
+
+def deep_child(name: str, repeat: int) -> dict:
+    """One deep model in this (fresh) process: report (its layers spliced from traces of 2, 3 and 4), the
+    same report with every layer traced, and bare meta execution of the same steps."""
+    from memtrace import depth
+
+    factory, batch, seq, options, _ = DEEP[name]
     t = time.perf_counter()
     with torch.device("meta"):
-        model = llama_7b()
+        model = factory()
     build_s = time.perf_counter() - t
-    inputs = _tokens(1, 2048)
+    inputs = _tokens(batch, seq)
     gc.collect()
     out = {"params": sum(p.numel() for p in model.parameters()), "build_s": build_s,
-           "rss_before_bytes": _proc_status_bytes("VmRSS") or 0, "peak_rss_before_bytes": _peak_rss_bytes(),
-           "peak_rss_reset": _reset_peak_rss()}
+           "rss_before_bytes": _proc_status_bytes("VmRSS") or 0, "peak_rss_reset": _reset_peak_rss()}
+    call = lambda: memtrace.report(model, inputs=inputs, steps=STEPS, **options)  # noqa: E731
     try:
         with quiet_stderr():
-            t, rep = best_of(lambda: memtrace.report(model, inputs=inputs, optimizer="adamw", steps=STEPS), repeat)
+            t, rep = best_of(call, repeat)
+        out["rss_peak_bytes"] = _peak_rss_bytes()
         out.update(report_s=t, peak_bytes=rep.peak_bytes, traced_ops=rep.traced_ops,
                    peak_phase=f"{rep.peak.phase.value} (it {rep.peak.iteration})")
+        depth.ENABLED = False
+        with quiet_stderr():
+            t, whole = best_of(call, 1)
+        depth.ENABLED = True
+        out.update(whole_s=t, same_json=whole.to_json() == rep.to_json())
     except Exception as exc:
         out["report_error"] = short_error(exc)
-    out["rss_peak_bytes"] = _peak_rss_bytes()
     try:
-        case = Case("llama_7b", llama_7b, inputs)
+        case = Case(name, factory, inputs)
         with quiet_stderr():
-            out["bare_s"] = time_bare_meta(case, 1)
+            out["bare_s"] = time_bare_meta(case, repeat)
     except Exception as exc:
         out["bare_error"] = short_error(exc)
     return out
 
 
-def llama7b(repeat: int) -> dict:
-    cmd = [sys.executable, __file__, "--llama7b-child", "--repeat", str(repeat)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+def deep(name: str, repeat: int) -> dict:
+    cmd = [sys.executable, __file__, "--deep-child", name, "--repeat", str(repeat)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     return {"report_error": f"child exited {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+
+
+def deep_table(rows: dict, markdown: bool) -> str:
+    out = []
+    for name, r in rows.items():
+        if "report_s" not in r:
+            out.append([name, f"fails ({r.get('report_error')})"] + [""] * 10)
+            continue
+        bare = r.get("bare_s")
+        ratio = r["report_s"] / bare if bare else None
+        out.append([
+            name, f"{r['params'] / 1e9:.2f} B", f"{r['report_s']:.2f}", f"{r['whole_s']:.2f}",
+            f"{bare:.2f}" if bare else f"fails ({r.get('bare_error', '?')})",
+            f"{ratio:.2f}" if ratio else "-", f"{r['whole_s'] / bare:.2f}" if bare else "-",
+            "yes" if r["same_json"] else "NO", f"{r['peak_bytes'] / 2**30:.2f}", str(r["traced_ops"]),
+            f"{r['rss_before_bytes'] / MiB:.0f}", f"{r['rss_peak_bytes'] / MiB:.0f}"
+            + ("" if r.get("peak_rss_reset") else " (since start)"),
+            "-" if ratio is None else "met" if ratio <= TARGET_DEEP_RATIO else "NOT met",
+        ])
+    return tabulate(out, headers=["model", "params", "report s", "every layer traced s", "bare meta s",
+                                  "report / bare", "every layer / bare", "same report", "peak GiB",
+                                  "traced ops", "RSS before MiB", "peak RSS in report MiB",
+                                  f"report <= {TARGET_DEEP_RATIO:g}x bare"],
+                    tablefmt="github" if markdown else "simple", disable_numparse=True)
 
 
 # ---- answers built from several estimates -------------------------------------------------------------
@@ -374,14 +420,14 @@ def summary(rows: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     ap = suite_arguments(__doc__)
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs (default 3)")
-    ap.add_argument("--no-7b", action="store_true", help="skip the 7B LLaMA row")
-    ap.add_argument("--only-7b", action="store_true", help="only the 7B LLaMA row")
+    ap.add_argument("--no-7b", action="store_true", help="skip the deep models (7B and 70B LLaMA)")
+    ap.add_argument("--only-7b", action="store_true", help="only the deep models (7B and 70B LLaMA)")
     ap.add_argument("--planning", action="store_true",
                     help="only the answers (max_batch_size, fits, levers) against one report")
-    ap.add_argument("--llama7b-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--deep-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.llama7b_child:
-        print(json.dumps(llama7b_child(args.repeat)))
+    if args.deep_child:
+        print(json.dumps(deep_child(args.deep_child, args.repeat)))
         return 0
 
     start = time.perf_counter()
@@ -410,28 +456,16 @@ def main(argv=None) -> int:
         for line in summary(rows):
             print(line)
     if not args.no_7b:
-        log(f"[{time.perf_counter() - start:6.1f}s] llama_7b (subprocess) ...")
-        r = llama7b(args.repeat)
+        deep_rows = {}
+        for name in (["llama_7b"] if args.quick else list(DEEP)):
+            log(f"[{time.perf_counter() - start:6.1f}s] {name} (subprocess) ...")
+            deep_rows[name] = deep(name, args.repeat)
         print()
-        print("7B LLaMA (hidden 4096, intermediate 11008, 32 layers, 32 heads, vocab 32000; built on meta), "
-              f"batch 1, sequence 2048, AdamW, {STEPS} steps, device='cuda', best of {args.repeat}:")
-        if "report_s" in r:
-            row = [[
-                f"{r['params'] / 1e9:.2f} B", f"{r['report_s']:.2f}",
-                f"{r['bare_s']:.2f}" if "bare_s" in r else f"fails ({r.get('bare_error', '?')})",
-                f"{r['report_s'] / r['bare_s']:.2f}" if "bare_s" in r else "-",
-                f"{r['peak_bytes'] / 2**30:.2f}", r["peak_phase"], str(r["traced_ops"]),
-                f"{r['rss_before_bytes'] / MiB:.0f}", f"{r['rss_peak_bytes'] / MiB:.0f}"
-                + ("" if r.get("peak_rss_reset") else " (since start)"),
-                "met" if r["report_s"] < TARGET_7B_S else "NOT met",
-            ]]
-            print(tabulate(row, headers=["params", "report s", "bare meta s", "report/bare", "predicted peak GiB",
-                                         "peak phase", "traced ops", "RSS before MiB",
-                                         "peak RSS during report MiB",
-                                         f"< {TARGET_7B_S:g} s"],
-                           tablefmt="github" if args.markdown else "simple", disable_numparse=True))
-        else:
-            print(f"report fails: {r.get('report_error')}")
+        print(f"Deep models, built on meta, {STEPS} steps, device='cuda', best of {args.repeat} (every layer "
+              "traced: once), each in a fresh process:")
+        for name in deep_rows:
+            print(f"- {name}: {DEEP[name][4]}")
+        print(deep_table(deep_rows, args.markdown))
     print(f"wall time: {time.perf_counter() - start:.1f} s")
     return 0
 
