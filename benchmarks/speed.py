@@ -204,6 +204,8 @@ DEEP = {  # name -> (factory, batch, sequence, report options, description)
     "llama_70b": (llama_70b, 1, 4096, {"optimizer": "adamw", "amp": "bf16"},
                   "70B LLaMA (hidden 8192, intermediate 28672, 80 layers, 64 heads / 8 key-value heads, vocab "
                   "32000), batch 1 x 4096, AdamW, bf16 AMP"),
+    "llama_70b_fsdp64": (llama_70b, 1, 4096, {"optimizer": "adamw", "amp": "bf16", "parallel": {"fsdp": 64}},
+                         "the same 70B, one rank of FSDP2 over 64 GPUs (each layer a unit)"),
 }
 
 

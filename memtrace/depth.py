@@ -108,8 +108,9 @@ def find_stack(model: torch.nn.Module, options: Options, min_layers: int | None 
     """The stack of identical layers (at least ``min_layers``, default ``MIN_LAYERS``) holding the most
     parameters, where splicing applies; None if there is none."""
     min_layers = MIN_LAYERS if min_layers is None else min_layers
-    if options.parallel is not None:
-        return None
+    spec = options.parallel
+    if spec is not None and (spec.plan is not None or not spec.shards):
+        return None  # a user's plan (unknown); DDP's buckets span layers by size
     best, best_params = None, -1
     owners: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -129,6 +130,8 @@ def find_stack(model: torch.nn.Module, options: Options, min_layers: int | None 
             continue
         if not _checkpoints_repeat(name, len(children), options.checkpoint):
             continue
+        if spec is not None and not _checkpoints_repeat(name, len(children), spec.units):
+            continue  # FSDP2 units: every layer or none (and nothing inside one layer only)
         size = sum(p.numel() for p in params)
         if size > best_params:
             best, best_params = Stack(name, len(children)), size
@@ -153,7 +156,8 @@ def _renamer(path: str, shift: Callable[[int], int]) -> Callable[[Any], Any]:
 
 
 def _checkpoints_repeat(path: str, length: int, names: tuple[str, ...]) -> bool:
-    """Checkpointing is the same in every layer (each layer's checkpointed submodules, by relative name)."""
+    """Checkpointing (or FSDP2's units) is the same in every layer: each layer's named submodules, by
+    relative name, and not the stack itself."""
     inside: list[set[str]] = [set() for _ in range(length)]
     for n in names:
         if n == path:
@@ -184,8 +188,12 @@ def with_depth(model: torch.nn.Module, path: str, depth: int) -> torch.nn.Module
 
 
 def _options_at(options: Options, path: str, depth: int) -> Options:
-    kept = tuple(n for n in options.checkpoint if (_layer(n, path) or (0,))[0] < depth)
-    return replace(options, checkpoint=kept)
+    def kept(names):
+        return tuple(n for n in names if (_layer(n, path) or (0,))[0] < depth)
+
+    spec = options.parallel
+    return replace(options, checkpoint=kept(options.checkpoint),
+                   parallel=None if spec is None else replace(spec, units=kept(spec.units)))
 
 
 # ---- lining up two depths -----------------------------------------------------------------------------
@@ -352,9 +360,11 @@ class _Splice:
     def __init__(self, a: Trace, b: Trace, path: str, depth_a: int, about_a: int, about_b: int):
         self.a, self.b, self.path, self.d0, self.about_a = a, b, path, depth_a, about_a
         self.j = j = depth_a - 1
-        for name in ("shard_layout", "rank_keys"):
-            if getattr(a, name) or getattr(b, name):
-                raise NoSplice(f"the traces have {name.replace('_', ' ')}")
+        if a.rank_keys or b.rank_keys:
+            raise NoSplice("the traces have per-rank keys")
+        for t in (a, b):
+            if t.shard_layout and len(t.shard_layout) != len(t.param_records):
+                raise NoSplice("the shard layout is not one entry per parameter")
         if a.assumptions != b.assumptions:
             raise NoSplice("the data-dependent choices differ between depths")
         if a.target.name != b.target.name:
@@ -613,8 +623,13 @@ class _Splice:
 
             tables[table] = self._table(table, m, ascending, rename_a, rename_b, value_a, value_b)
 
+        layout = ()
+        if a.shard_layout:  # each parameter's global shape and tensor-parallel dimension, in parameter order
+            shapes = {**{rename_a(k): v for k, v in zip(a.param_records, a.shard_layout)},
+                      **{rename_b(c)(k): v for c in range(m) for k, v in zip(b.param_records, b.shard_layout)}}
+            layout = tuple(shapes[k] for k in tables["param_records"])
         flops = {k: a.flops[k] + m * (b.flops[k] - a.flops[k]) for k in a.flops}
-        return replace(a, records=records, events=events, event_ops=event_ops, free_modules=free_modules,
+        return replace(a, shard_layout=layout, records=records, events=events, event_ops=event_ops, free_modules=free_modules,
                        phase_starts=phase_starts, modules=modules, flops=flops, op_count=a.op_count + m * total_shift,
                        notes=tuple(about) + a.notes[self.about_a:], sized=tuple(sized), **tables)
 
@@ -680,16 +695,18 @@ def difference(x: Trace, y: Trace) -> str | None:
     return None
 
 
-def splice(model: torch.nn.Module, options: Options, stack: Stack, shown: torch.nn.Module | None = None) -> Trace:
+def splice(model: torch.nn.Module, options: Options, stack: Stack, shown: torch.nn.Module | None = None,
+           rank: int = 0) -> Trace:
     """The trace of ``model`` (its stack of ``stack.length`` layers) from traces of its first 2, 3 and 4;
     ``NoSplice`` where they do not line up or do not rebuild each other exactly, as soon as that shows.
-    ``shown`` is the model as given (a compiled wrapper of ``model``), for the report's notes about it."""
+    ``shown`` is the model as given (a compiled wrapper of ``model``), for the report's notes about it;
+    ``rank``: the rank of a sharded step traced."""
     traced, abouts = [], []
 
     def at_depth(d: int) -> Trace:
         short = with_depth(model, stack.path, d)
         opts = _options_at(options, stack.path, d)
-        t = trace(short, opts)
+        t = trace(short, opts, rank)
         about = about_the_model(short, opts)
         if list(t.notes[:len(about)]) != about:
             raise NoSplice("the notes about the model are not first")

@@ -43,17 +43,17 @@ class Traced:
 
 def trace_step(model: torch.nn.Module, eager: torch.nn.Module, options: Options) -> Traced:
     if options.parallel is None:
-        return Traced(eager, options, (_single(model, eager, options),), ((0,),))
+        return Traced(eager, options, (_spliced_or_traced(model, eager, options),), ((0,),))
     from .parallel import rank_groups
 
-    first = trace(model, options, rank=0)
+    first = _spliced_or_traced(model, eager, options)
     groups = rank_groups(first.shard_layout, options.parallel, first.rank_keys)
-    traces = (first,) + tuple(trace(model, options, rank=g[0]) for g in groups[1:])
+    traces = (first,) + tuple(_spliced_or_traced(model, eager, options, g[0]) for g in groups[1:])
     return Traced(eager, options, traces, tuple(tuple(g) for g in groups))
 
 
-def _single(model: torch.nn.Module, eager: torch.nn.Module, options: Options) -> Trace:
-    """The step on one GPU: a deep stack of identical layers spliced from traces of a few of them
+def _spliced_or_traced(model: torch.nn.Module, eager: torch.nn.Module, options: Options, rank: int = 0) -> Trace:
+    """The step (of ``rank``): a deep stack of identical layers spliced from traces of a few of them
     (``depth.splice``, checked against a traced depth); traced whole where the splice does not line up or
     the model cannot run cut (whatever made it fail, the whole trace meets it again and says so)."""
     from . import depth
@@ -61,10 +61,10 @@ def _single(model: torch.nn.Module, eager: torch.nn.Module, options: Options) ->
     stack = depth.find_stack(eager, options) if depth.ENABLED else None
     if stack is not None:
         try:
-            return depth.splice(eager, options, stack, shown=model)
+            return depth.splice(eager, options, stack, shown=model, rank=rank)
         except Exception:
             pass
-    return trace(model, options)
+    return trace(model, options, rank=rank)
 
 
 def assemble(traced: Traced) -> Report:
