@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
+from .engine import TraceError
 from .options import Category, model_dtypes, repeated_blocks
 from .planning import DEFAULT_CAP, Batched, Estimates, MemoryLimit, limit_for, search
 from .report import Report
@@ -148,6 +149,7 @@ class Levers:
     limit: MemoryLimit
     levers: tuple[Lever, ...]  # empty when the step fits already
     largest: Any = None  # planning.MaxBatch at these settings; None when the step fits already
+    failed: tuple[tuple[str, str], ...] = ()  # (lever, why): levers whose step fails (as it would for real)
 
     @property
     def fits(self) -> bool:
@@ -165,8 +167,10 @@ class Levers:
         rows = [[lv.label, format_bytes(lv.report.peak_bytes, 2), format_bytes(lv.saves_bytes, 2) if lv.saves_bytes >= 0
                  else "+" + format_bytes(-lv.saves_bytes, 2), "yes" if lv.fits else "no", lv.note]
                 for lv in self.levers]
-        return head + "\n\n" + tabulate(rows, headers=["Lever", "Peak", "Saves", "Fits", "Note"], tablefmt=fmt,
-                                        disable_numparse=True, colalign=("left", "right", "right", "left", "left"))
+        table = tabulate(rows, headers=["Lever", "Peak", "Saves", "Fits", "Note"], tablefmt=fmt,
+                         disable_numparse=True, colalign=("left", "right", "right", "left", "left"))
+        failed = "".join(f"\n{label}: not estimated, its step fails: {why}" for label, why in self.failed)
+        return head + "\n\n" + table + ("\n" + failed if failed else "")
 
     def __str__(self) -> str:
         return self.table()
@@ -176,7 +180,8 @@ class Levers:
                 "levers": [{"label": lv.label, "overrides": {k: str(v) for k, v in lv.overrides.items()},
                             "peak_bytes": lv.report.peak_bytes, "saves_bytes": lv.saves_bytes, "fits": lv.fits,
                             "note": lv.note} for lv in self.levers],
-                "max_batch_size": None if self.largest is None else self.largest.batch_size}
+                "max_batch_size": None if self.largest is None else self.largest.batch_size,
+                "failed": [{"label": label, "error": why} for label, why in self.failed]}
 
 
 def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any]) -> list[tuple[str, dict]]:
@@ -274,10 +279,13 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
         given = batched.batch_size
         add(f"batch {given} → {largest.batch_size}", {"batch_size": largest.batch_size}, largest.report)
         _accumulation_lever(model, batched, options, mem, largest.batch_size, add)
-    candidates = []
+    candidates, failed = [], []
     for label, overrides in _candidates(model, base, options):
         try:
             r = report(model, **batched.at(batched.batch_size), **_apply(options, overrides))
+        except TraceError as exc:  # the step with this lever fails (tensor parallel with fused AdamW, say)
+            failed.append((label, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+            continue
         except ValueError:
             before, after = options.get("parallel"), overrides.get("parallel")
             if not (isinstance(before, Mapping) and isinstance(after, Mapping)
@@ -301,6 +309,10 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
                         k: v for k, v in overrides["parallel"].items() if v != options["parallel"].get(k)}}}
                 together.update(overrides)
                 used.append(label)
-        r = report(model, **batched.at(batched.batch_size), **_apply(options, together))
-        add(" + ".join(used), together, r)
-    return Levers(base, mem, tuple(found), largest)
+        try:
+            r = report(model, **batched.at(batched.batch_size), **_apply(options, together))
+        except TraceError as exc:
+            failed.append((" + ".join(used), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+        else:
+            add(" + ".join(used), together, r)
+    return Levers(base, mem, tuple(found), largest, tuple(failed))

@@ -319,6 +319,31 @@ def test_levers_each_come_from_an_estimate():
     assert "Does not fit" in result.table() and result.to_dict()["max_batch_size"] == b
 
 
+class NoAutocast(nn.Module):
+    """A model whose step fails under AMP (as one with an op autocast cannot run would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("this model does not run under autocast")
+        return self.fc(x)
+
+
+def test_a_lever_whose_step_fails_is_listed_not_fatal():
+    model = NoAutocast()
+    limit = memtrace.report(model, (4096, 16)).peak_bytes - 2**16
+    result = memtrace.levers(model, (4096, 16), limit=limit)
+    labels = {lv.label for lv in result.levers}
+    assert "SGD (no optimizer state)" in labels and not labels & {"AMP fp16", "AMP bf16"}
+    assert [label for label, _ in result.failed] == ["AMP fp16", "AMP bf16"]
+    assert all("does not run under autocast" in why for _, why in result.failed)
+    assert "AMP fp16: not estimated, its step fails" in result.table()
+    assert result.to_dict()["failed"][0]["label"] == "AMP fp16"
+
+
 def test_no_levers_when_it_fits():
     result = memtrace.levers(make_mlp(), (2, 4), limit="1 GiB")
     assert result.fits and result.levers == () and result.table().startswith("Fits")
