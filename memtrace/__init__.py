@@ -7,6 +7,7 @@ immutable ``Report``: the peak, where it happens, what is live at that moment, a
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from .engine import TraceError
 from .gpus import GPU, GPUS
 from .options import Category, Phase, parse_options
-from .report import Allocation, LayerRow, Peak, PhaseSpan, RankPeak, Report, Timeline
+from .report import Allocation, LayerRow, OpRow, Peak, PhaseSpan, RankPeak, Report, Timeline
 from .step import LossError
 from .measure import Measurement, measure
 from .units import format_bytes, parse_size
@@ -27,7 +28,7 @@ __all__ = [
     "report", "Report", "LayerRow", "Peak", "PhaseSpan", "Timeline", "Allocation", "Category", "Phase",
     "TraceError", "LossError", "format_bytes", "parse_size", "GPU", "GPUS", "measure", "Measurement",
     "max_batch_size", "MaxBatch", "MemoryLimit", "memory_limit", "fits", "FitTable", "compare", "Comparison",
-    "levers", "Levers", "plan_epoch", "EpochPlan", "RankPeak",
+    "levers", "Levers", "plan_epoch", "EpochPlan", "RankPeak", "OpRow",
 ]
 __version__ = "0.1.0"
 
@@ -115,10 +116,8 @@ def report(
         train=train, gpu=gpu, checkpoint=checkpoint, alloc_conf=alloc_conf, data_dependent=data_dependent,
         parallel=parallel, world_size=world_size,
     )
-    result = trace_step(model, eager, options).report()
+    result = replace(trace_step(model, eager, options).report(), source=(model, options))
     if verify:
-        from dataclasses import replace
-
         from .measure import measure
 
         result = replace(result, measured=measure(

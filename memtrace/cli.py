@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--format", choices=["table", "markdown", "json"], default="table")
     out.add_argument("--depth", type=int, default=2, metavar="N", help="deepest layer level shown (default 2)")
     out.add_argument("--allocations", action="store_true", help="JSON: include every allocation")
+    out.add_argument("--by-op", type=int, nargs="?", const=20, default=None, metavar="N",
+                     help="the N ops (default 20) whose allocations hold the most at the peak, with their module, "
+                          "phase and category; in JSON, every op")
     out.add_argument("--budget", type=_size, metavar="SIZE",
                      help="exit with status 3 when the predicted peak is over SIZE (e.g. 24GiB)")
     out.add_argument("--plot", metavar="PNG", help="draw the step's memory over time (needs matplotlib)")
@@ -342,11 +345,13 @@ ANSWER_TITLES = {"max_batch": None, "fits": "What fits where", "compare": "What 
 def render(report, gpu, args, answers: dict[str, Any] | None = None) -> str:
     """The command's text: header, per-layer table, breakdown at the peak, the peak, whether it fits, then
     the answers to the questions asked (largest batch, fits, what-if, epoch, levers)."""
-    from .render import category_table, header_lines, layer_table, notes_lines, peak_lines
+    from .render import category_table, header_lines, layer_table, notes_lines, op_table, peak_lines
 
     fmt = "github" if args.format == "markdown" else "simple"
-    text_blocks = [header_lines(report), [layer_table(report, args.depth, fmt)], [category_table(report, fmt)],
-                   peak_lines(report) + _fit_line(report, gpu, args.budget)]
+    text_blocks = [header_lines(report), [layer_table(report, args.depth, fmt)], [category_table(report, fmt)]]
+    if getattr(args, "by_op", None):
+        text_blocks.append([op_table(report, args.by_op, fmt)])
+    text_blocks.append(peak_lines(report) + _fit_line(report, gpu, args.budget))
     for name, answer in (answers or {}).items():
         title = ANSWER_TITLES[name]
         text_blocks.append(([title + ":"] if title else []) + [answer.table(fmt)])
@@ -467,6 +472,10 @@ def _predict(args, built) -> int:
         report.save_snapshot(args.snapshot)
     if args.format == "json":
         out = report.to_dict(allocations=args.allocations)
+        if args.by_op:
+            out["by_op"] = [{"op": r.op, "module": r.module, "phase": r.phase.value, "iteration": r.iteration,
+                             "category": r.category.value, "allocations": r.allocations, "bytes": r.bytes}
+                            for r in report.by_op()]
         out.update({name: answer.to_dict() for name, answer in answers.items()})
         print(json.dumps(out, indent=2))
     else:

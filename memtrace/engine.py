@@ -345,15 +345,16 @@ def _install_hooks(model, infos, tracker, first: bool = False) -> list:
     return handles
 
 
-def trace(model: torch.nn.Module, options: Options, rank: int = 0) -> Trace:
-    """The step of ``model`` on fake tensors; with ``options.parallel``, as rank ``rank`` runs it."""
+def trace(model: torch.nn.Module, options: Options, rank: int = 0, graph=None) -> Trace:
+    """The step of ``model`` on fake tensors; with ``options.parallel``, as rank ``rank`` runs it. ``graph``
+    (a ``graph.Recorder``) is told of every op, for ``Report.graph()``."""
     if options.parallel is None:
-        return _trace(model, options, None)
+        return _trace(model, options, None, graph)
     from . import parallel
 
     spec = options.parallel
     with parallel.fake_world(spec.world_size, rank):
-        return _trace(model, options, parallel.device_mesh(spec) if spec.shards else None)
+        return _trace(model, options, parallel.device_mesh(spec) if spec.shards else None, graph)
 
 
 _CACHE_TARGET: list = [None]  # the target whose traces filled FakeTensorMode's dispatch cache
@@ -371,12 +372,13 @@ def fake_cache_for(target: Target) -> None:
         _CACHE_TARGET[0] = target.name
 
 
-def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
+def _trace(model: torch.nn.Module, options: Options, mesh, graph=None) -> Trace:
     about = about_the_model(model, options)
     model = eager_module(model)
     target = target_for(options.device, options.gpu, options.alloc_conf)
     fake_cache_for(target)
     tracker = StorageTracker(target, SizePolicy(options.data_dependent))
+    tracker.graph = graph
     sharded = mesh is not None
     replicated = options.parallel is not None and not options.parallel.shards  # DDP
     if options.parallel is not None:
@@ -507,7 +509,10 @@ def _trace(model: torch.nn.Module, options: Options, mesh) -> Trace:
         places = list(dict.fromkeys(f"{c.module}:{c.op}" for c in tracker.assumptions)) or ["none"]
         raise ValueError(f"data_dependent= names {unused[0]!r}, which matched no op whose size or value depends on "
                          f"tensor data; the step's: {', '.join(places[:8])}{', ...' if len(places) > 8 else ''}")
+    events_before_fusing = len(tracker.events)
     new_position = tracker.fuse_accumulations()
+    if graph is not None:
+        graph.finish(events_before_fusing, new_position)
     phase_starts = [(phase, it, new_position[start]) for phase, it, start in phase_starts]
     for call in tracker.sized:
         call.event_at = new_position[call.event_at]

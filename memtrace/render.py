@@ -43,6 +43,23 @@ def category_table(report, fmt: str = "simple") -> str:
                     colalign=("left", "right", "right"))
 
 
+def op_table(report, top: int = 20, fmt: str = "simple") -> str:
+    """The ops whose allocations hold the most at the peak (``Report.by_op``), ``top`` rows and a total of
+    the rest."""
+    rows = report.by_op()
+    peak = report.peak_bytes or 1
+    shown = [[r.op, r.module or "(root)", f"{r.phase.value} (it {r.iteration})", r.category.value.replace("_", " "),
+              str(r.allocations), format_bytes(r.bytes), f"{100 * r.bytes / peak:.1f}%"] for r in rows[:top]]
+    rest = rows[top:]
+    if rest:
+        nbytes = sum(r.bytes for r in rest)
+        shown.append([f"({len(rest)} more)", "", "", "", str(sum(r.allocations for r in rest)), format_bytes(nbytes),
+                      f"{100 * nbytes / peak:.1f}%"])
+    return tabulate(shown, headers=["Op at the peak", "Module", "Phase", "Category", "Allocations", "Bytes", "Share"],
+                    tablefmt=fmt, disable_numparse=True,
+                    colalign=("left", "left", "left", "left", "right", "right", "right"))
+
+
 def _exact(n: int) -> str:
     return format_bytes(n, 2) + (f" ({n:,} B)" if n >= 1024 else "")
 

@@ -65,6 +65,19 @@ class Allocation:
 
 
 @dataclass(frozen=True)
+class OpRow:
+    """What the allocations one op made in one module, phase and iteration hold at the peak."""
+
+    op: str
+    module: str  # the module running (the loss, the optimizer: in parentheses)
+    phase: Phase
+    iteration: int
+    category: Category
+    allocations: int
+    bytes: int  # charged bytes live at the peak
+
+
+@dataclass(frozen=True)
 class RankPeak:
     """The ranks of a parallel run that hold the same memory (the same shards), and their peak."""
 
@@ -109,6 +122,8 @@ class Report:
     world_size: int = 1
     rank: int = 0
     ranks: tuple[RankPeak, ...] = ()
+    # how to trace the step again (the model and options), for graph(); not part of the report's value
+    source: Any = field(default=None, compare=False, repr=False)
 
     @property
     def flops_per_iteration(self) -> int:
@@ -120,6 +135,34 @@ class Report:
         if self.measured is None or not self.measured.peak_bytes:
             return None
         return 100.0 * (self.peak_bytes - self.measured.peak_bytes) / self.measured.peak_bytes
+
+    def graph(self) -> "torch.fx.GraphModule":
+        """The step as a ``torch.fx.GraphModule`` of aten ops (copy of the parameters, forward, loss, backward,
+        optimizer, every iteration), each node's ``meta["memtrace"]`` holding the bytes it allocates and frees,
+        the live bytes after it, its module and phase (``memtrace.graph``). Traced again when asked for; the
+        same step, op for op, as this report's."""
+        if self.source is None:
+            raise ValueError("this report cannot trace its step again (it was built from a trace, not by "
+                             "memtrace.report); call memtrace.report(...).graph()")
+        from .graph import step_graph
+
+        model, options = self.source
+        return step_graph(model, options, rank=self.rank)
+
+    def by_op(self) -> tuple[OpRow, ...]:
+        """The allocations live at the peak by the op that made them (with its module, phase, iteration and
+        category), largest first: what each op contributes to the peak, including ops no module owns (the
+        loss, the optimizer's foreach ops) and the rules' workspaces and scratch (labelled by the rule)."""
+        at = self.peak.event
+        groups: dict[tuple, list[int]] = {}
+        for a in self.allocations:
+            if a.alloc_event <= at and (a.free_event is None or a.free_event > at) and a.charged_bytes:
+                g = groups.setdefault((a.op, a.module, a.phase, a.iteration, a.category), [0, 0])
+                g[0] += 1
+                g[1] += a.charged_bytes
+        rows = [OpRow(op, module, phase, it, category, n, nbytes)
+                for (op, module, phase, it, category), (n, nbytes) in groups.items()]
+        return tuple(sorted(rows, key=lambda r: (-r.bytes, r.phase.value, r.iteration, r.module, r.op)))
 
     def layer(self, name: str) -> LayerRow:
         for row in self.layers:

@@ -131,6 +131,7 @@ class StorageTracker(TorchDispatchMode):
         self.where = ModuleCall()
         self.module_stack: list[tuple[str, tuple]] = []  # (name, (type name, input shapes))
         self.last_op = None  # the op running when something fails, for the error message
+        self.graph = None  # a graph.Recorder told of every op (Report.graph() traces again with one)
         self.flops = None  # a flops.FlopCounter, told of every op
         # storage key -> (weakref whose callback records the free, records of that storage, or None for
         # a storage the device keeps in host memory)
@@ -185,6 +186,9 @@ class StorageTracker(TorchDispatchMode):
             if (func is _ADD and isinstance(out, torch.Tensor) and self._accumulating is not None
                     and self.where.phase is Phase.BACKWARD):
                 self._note_accumulation(out, args)
+        if self.graph is not None:
+            self.graph.record(func, args, kwargs, out, self.op_count, self.current_module(), self.where,
+                              len(self.events))
         return out
 
     def record_outputs(self, out, func) -> None:
