@@ -54,6 +54,7 @@ def report(
     data_dependent: Any = None,
     parallel: Any = None,
     world_size: int | None = None,
+    compile: Any = None,
 ) -> Report:
     """Predict the peak allocated memory of ``steps`` training iterations of ``model``.
 
@@ -67,6 +68,11 @@ def report(
     ``verify=True`` also runs the real step (``memtrace.measure``) on this machine's device of that kind
     and puts the measured peak beside the prediction (``report.measured``, ``report.error_percent``);
     without ``gpu=``, a CUDA prediction is then made for the GPU present.
+
+    ``compile=True`` (or a model given as ``torch.compile(model)``) predicts the compiled step: the
+    forward through Dynamo, AOTAutograd's partitioner and Inductor's buffer plan (``memtrace.compiled``);
+    ``compile={"activation_memory_budget": 0.5}`` sets the partitioner's budget. ``compile=False`` predicts
+    the eager step of a compiled model.
 
     ``accumulation_steps=k`` runs k forward/backward passes per optimizer step (gradient accumulation:
     the loss divided by k, the gradients summed in ``.grad``), so the gradients of earlier micro-batches
@@ -108,13 +114,22 @@ def report(
                          "before CUDA starts instead of alloc_conf=")
     if verify and gpu is None and str(device).startswith("cuda"):
         gpu = present()  # checked against this machine's GPU: predict for that card
+    from .engine import _is_compiled_wrapper
+
+    from .targets import TORCH_VERSION
+
+    if compile is None and _is_compiled_wrapper(model) and TORCH_VERSION >= (2, 6):
+        compile = True  # torch.compile(model): the compiled step (before 2.6, the eager one, with a note)
+    if verify and compile:
+        raise ValueError("verify=True does not measure a compiled step yet (its first step compiles); "
+                         "benchmarks/compiled.py measures one after a warm-up step")
 
     eager = eager_module(model)  # a torch.compile'd model: its module (the report says it shows the eager step)
     options = parse_options(
         eager, input_shape=input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
         amp=amp, dtype=dtype, loss_fn=loss_fn, device=device, steps=steps, accumulation_steps=accumulation_steps,
         train=train, gpu=gpu, checkpoint=checkpoint, alloc_conf=alloc_conf, data_dependent=data_dependent,
-        parallel=parallel, world_size=world_size,
+        parallel=parallel, world_size=world_size, compile=compile,
     )
     result = replace(trace_step(model, eager, options).report(), source=(model, options))
     if verify:

@@ -111,6 +111,8 @@ def find_stack(model: torch.nn.Module, options: Options, min_layers: int | None 
     spec = options.parallel
     if spec is not None and (spec.plan is not None or not spec.shards):
         return None  # a user's plan (unknown); DDP's buckets span layers by size
+    if options.compile is not None:
+        return None  # Inductor fuses and plans across layers: a compiled step is traced whole
     best, best_params = None, -1
     owners: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):

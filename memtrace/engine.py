@@ -260,7 +260,9 @@ def about_the_model(model: torch.nn.Module, options: Options) -> list[str]:
     notes = []
     compiled = [name or "the root module" for name, m in model.named_modules()
                 if _is_compiled_wrapper(m) or getattr(m, "_compiled_call_impl", None) is not None]
-    if compiled or _is_compiled_wrapper(model):
+    if options.compile is not None:
+        compiled = []  # the whole forward is compiled, compiled submodules inlined, as Dynamo does
+    if compiled:
         named = ", ".join(f"'{n}'" for n in compiled[:4]) + (" and more" if len(compiled) > 4 else "")
         which = ("The model is" if not compiled or compiled == ["the root module"] else
                  f"Module {named} is" if len(compiled) == 1 else f"Modules {named} are")
@@ -377,7 +379,12 @@ def _trace(model: torch.nn.Module, options: Options, mesh, graph=None) -> Trace:
     model = eager_module(model)
     target = target_for(options.device, options.gpu, options.alloc_conf)
     fake_cache_for(target)
-    tracker = StorageTracker(target, SizePolicy(options.data_dependent))
+    if options.compile is not None:
+        from .compiled import CompilingTracker
+
+        tracker = CompilingTracker(target, SizePolicy(options.data_dependent))
+    else:
+        tracker = StorageTracker(target, SizePolicy(options.data_dependent))
     tracker.graph = graph
     sharded = mesh is not None
     replicated = options.parallel is not None and not options.parallel.shards  # DDP
@@ -426,6 +433,10 @@ def _trace(model: torch.nn.Module, options: Options, mesh, graph=None) -> Trace:
         if replicated:
             tracker.where.label = "(DDP)"
             runner = parallel.wrap_ddp(fake_model, options.parallel, tracker)
+        if options.compile is not None:
+            from .compiled import compiled_runner
+
+            runner = compiled_runner(runner, tracker, options.compile)
         infos = _module_infos(fake_model)
         params = {name: p for name, p in fake_model.named_parameters()}
         owner = {}
@@ -445,7 +456,9 @@ def _trace(model: torch.nn.Module, options: Options, mesh, graph=None) -> Trace:
         def on_grad(p):
             note_gradient(name_of[id(p)], p.grad)
 
-        handles = _install_hooks(fake_model, infos, tracker, first=sharded)
+        # a compiled forward is not divided by module (a hook in it would break its graph): its allocations are
+        # the compiled region's
+        handles = _install_hooks(fake_model, infos, tracker, first=sharded) if options.compile is None else []
         if options.train:
             handles += [p.register_post_accumulate_grad_hook(on_grad) for p in params.values() if p.requires_grad]
         with tracker.hidden():
@@ -496,6 +509,10 @@ def _trace(model: torch.nn.Module, options: Options, mesh, graph=None) -> Trace:
             rules = FunctionRules.for_target(target, tracker.note)
             amp = target.autocast() if options.amp_dtype is not None else contextlib.nullcontext()
             with rules, amp, tracker.saved_tensors_hooks(), tracker.generator_states_seen():
+                if options.compile is not None:
+                    from .compiled import warm_up
+
+                    warm_up(runner, fake_model, options, new_inputs, tracker, list(params.values()))
                 run_steps(runner, options, new_inputs, optimizer, scaler, "cpu", on_phase)
         except Exception as exc:
             raise _explain(exc, tracker) from exc
@@ -563,6 +580,12 @@ def _explain(exc: Exception, tracker: StorageTracker) -> Exception:
 
     if isinstance(exc, (LossError, TraceError)):
         return exc
+    cause, seen = exc, set()
+    while cause is not None and id(cause) not in seen:  # a compiled forward's backend failed: torch.compile
+        seen.add(id(cause))  # wraps what it raised (BackendCompilerFailed.inner_exception)
+        if isinstance(cause, TraceError):
+            return cause
+        cause = getattr(cause, "inner_exception", None) or cause.__cause__ or cause.__context__
     where = tracker.where
     if isinstance(exc, SavedTensorModifiedError):  # raised between ops: no op or module of its own to name
         return TraceError(f"{where.phase.value} of iteration {where.iteration} failed: {exc}")

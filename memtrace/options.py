@@ -153,6 +153,7 @@ class Options:
     alloc_conf: str | None = None  # the CUDA allocator settings (PYTORCH_CUDA_ALLOC_CONF syntax); None: the environment's
     data_dependent: Any = None  # how sizes and values that depend on tensor data are chosen (datadep.SizePolicy)
     parallel: Any = None  # parallel.Parallel: how the model is sharded across ranks; None: one GPU
+    compile: Any = None  # the forward through torch.compile (compiled.backend): a dict of its settings; None: eager
 
     @property
     def amp_name(self) -> str:
@@ -309,6 +310,7 @@ def parse_options(
     data_dependent: Any = None,
     parallel: Any = None,
     world_size: Any = None,
+    compile: Any = None,
 ) -> Options:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model is a {type(model).__name__}, expected a torch.nn.Module")
@@ -368,6 +370,13 @@ def parse_options(
     spec = parse_parallel(parallel, world_size, model)
     if spec is not None and not train:
         raise ValueError("parallel= predicts a training step; give train=True")
+    compiled = parse_compile(compile)
+    if compiled is not None and spec is not None:
+        raise ValueError("compile= with parallel= is not predicted yet: a compiled sharded step (FSDP2's hooks "
+                         "inside Dynamo's graphs) is traced by neither; give one of them")
+    if compiled is not None and checkpointed:
+        raise ValueError("compile= with checkpoint= is not predicted yet (checkpointed regions inside compiled "
+                         "graphs are AOTAutograd's to partition); give one of them")
     return Options(
         inputs=specs,
         optimizer=opt_factory,
@@ -386,7 +395,40 @@ def parse_options(
         alloc_conf=alloc_conf,
         data_dependent=data_dependent,
         parallel=spec,
+        compile=compiled,
     )
+
+
+COMPILE_KEYS = ("mode", "activation_memory_budget")
+
+
+def parse_compile(compile: Any) -> dict[str, Any] | None:
+    """``None``/``False``: the eager step; ``True``: ``torch.compile`` with Inductor; a dict: with
+    ``activation_memory_budget`` (0 to 1, AOTAutograd's partitioner: the share of activation memory kept
+    for backward) and ``mode`` ("default" only: "reduce-overhead" runs CUDA graphs from a private memory pool,
+    "max-autotune" picks kernels by timing them on the GPU, neither of which a trace without one can follow)."""
+    if compile is None or compile is False:
+        return None
+    from .targets import TORCH_VERSION
+
+    if TORCH_VERSION < (2, 6):
+        raise ValueError(f"compile= needs PyTorch 2.6 or later (this is {torch.__version__}, whose Dynamo cannot "
+                         "compile on the fake tensors of the trace); compile=False predicts the eager step")
+    if compile is True:
+        return {}
+    if not isinstance(compile, Mapping):
+        raise TypeError(f"compile={compile!r} must be True, False or a dict with {', '.join(COMPILE_KEYS)}")
+    unknown = [k for k in compile if k not in COMPILE_KEYS]
+    if unknown:
+        raise ValueError(f"compile= has unknown key {unknown[0]!r}; valid: {', '.join(COMPILE_KEYS)}")
+    mode = compile.get("mode")
+    if mode not in (None, "default"):
+        raise ValueError(f"compile mode {mode!r} is not predicted: only 'default' ('reduce-overhead' replays CUDA "
+                         "graphs from a private memory pool, 'max-autotune' chooses kernels by timing them on a GPU)")
+    budget = compile.get("activation_memory_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget <= 1):
+        raise ValueError(f"activation_memory_budget={budget!r} must be a number from 0 to 1")
+    return {k: v for k, v in compile.items() if v is not None}
 
 
 def repeated_blocks(model: torch.nn.Module) -> tuple[str, ...]:

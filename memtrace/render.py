@@ -81,6 +81,7 @@ def header_lines(report) -> list[str]:
         f"allocator model, optimizer {s['optimizer']}, "
         f"amp {s['amp']}, dtype {s['dtype']}, {s['steps']} step(s)"
         + (f" of {s['accumulation_steps']} accumulated micro-batches" if s.get("accumulation_steps", 1) > 1 else "")
+        + (", compiled (torch.compile, Inductor)" if s.get("compile") is not None else "")
         + (f"; inputs {inputs}" if inputs else ""),
     ]
 

@@ -242,6 +242,7 @@ def _settings(options: Options) -> dict[str, Any]:
         "gpu": options.gpu.name if options.gpu else None,
         "checkpoint": list(options.checkpoint),
         "alloc_conf": options.alloc_conf,
+        "compile": None if options.compile is None else dict(options.compile),
         "inputs": [
             {"key": s.key, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
             for s in options.inputs.specs

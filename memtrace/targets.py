@@ -595,8 +595,10 @@ if hasattr(torch.ops.aten, "_grouped_mm"):  # PyTorch 2.8 and later
     CUDA_RULES.op(torch.ops.aten._grouped_mm.default)(_grouped_mm_on_cuda)
 
 
-_GEMMS = [getattr(torch.ops.aten, name).default for name in (
-    "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "_addmm_activation")]
+_GEMMS = [getattr(getattr(torch.ops.aten, name), overload) for name in (
+    "mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "_addmm_activation")
+    for overload in ("default", "out") if hasattr(getattr(torch.ops.aten, name), overload)]  # out: compiled graphs'
+_ADDMM_OUT = torch.ops.aten.addmm.out
 
 
 @CUDA_RULES.op(*_GEMMS)
@@ -648,7 +650,7 @@ def _uses_cublaslt(func, args, kwargs) -> bool:
     # width (from 2.10 also a (1, n) one, and any 2-D bias with an activation). mm, bmm and the rest go to
     # cuBLAS unless the user prefers cuBLASLt (torch.backends.cuda.preferred_blas_library), not modelled.
     addmm, activation = torch.ops.aten.addmm.default, torch.ops.aten._addmm_activation.default
-    if func not in (addmm, activation) or os.environ.get("DISABLE_ADDMM_CUDA_LT") == "1":
+    if func not in (addmm, activation, _ADDMM_OUT) or os.environ.get("DISABLE_ADDMM_CUDA_LT") == "1":
         return False
     bias, mat2 = args[0], args[2]
     beta = kwargs.get("beta", args[3] if len(args) > 3 else 1)

@@ -215,3 +215,14 @@ def test_measure_refuses_checkpoint_it_would_not_apply():
     with pytest.raises(ValueError, match="does not apply checkpoint="):
         memtrace.measure(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)), (2, 4), device="cpu",
                          checkpoint="auto")
+
+
+def test_compile_on_a_pytorch_without_it_is_refused():
+    from memtrace.targets import TORCH_VERSION
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    if TORCH_VERSION >= (2, 6):
+        assert memtrace.report(model, (2, 4), device="cpu", compile=False).peak_bytes > 0
+        return
+    with pytest.raises(ValueError, match="needs PyTorch 2.6 or later"):
+        memtrace.report(model, (2, 4), device="cpu", compile=True)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import memtrace
+from memtrace.targets import TORCH_VERSION
 from memtrace import Category, TraceError
 
 from tiny_models import make_mlp
@@ -64,13 +65,16 @@ def test_compare_starts_from_the_dtypes_held():
 
 # ---- what the report says about the model -------------------------------------------------------------------
 
-def test_a_compiled_model_is_said_to_be_traced_eager():
+def test_a_compiled_model_traced_eager_says_so():
+    """compile=False, or a PyTorch that cannot compile on fake tensors: the eager step, and a note."""
     model = make_mlp()
-    r = memtrace.report(torch.compile(model), (2, 4), device="cpu")
+    r = memtrace.report(torch.compile(model), (2, 4), device="cpu", compile=False)
     assert r.model == "Sequential" and [row.name for row in r.layers][:2] == ["", "0"]  # the module inside
     assert any("compiled with torch.compile; this report shows the eager step" in n for n in r.notes)
     assert r.peak_bytes == memtrace.report(model, (2, 4), device="cpu").peak_bytes
     assert not any("torch.compile" in n for n in memtrace.report(model, (2, 4), device="cpu").notes)
+    given = memtrace.report(torch.compile(model), (2, 4), device="cpu")  # compiled where this PyTorch can
+    assert (given.settings["compile"] is not None) == (TORCH_VERSION >= (2, 6))
 
 
 def test_a_compiled_model_in_eval_mode_names_its_own_modules():
