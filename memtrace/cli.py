@@ -210,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "(comma-separated dotted names)")
     tr.add_argument("--verify", action="store_true", help="also run the real step on this machine's GPU and show "
                                                           "the measured peak")
+    tr.add_argument("--compile", action="store_true",
+                    help="the compiled step: the forward through torch.compile (Dynamo, AOTAutograd's partitioner, "
+                         "Inductor's buffer plan)")
+    tr.add_argument("--compile-levers", action="store_true",
+                    help="the levers also try torch.compile, and with an activation memory budget of 0.5 (each "
+                         "compiles the model with Inductor)")
+    tr.add_argument("--activation-memory-budget", type=float, metavar="X",
+                    help="with --compile: AOTAutograd's activation memory budget (0 to 1; 1, the default, saves "
+                         "what the min-cut partitioner chooses, lower recomputes more in backward)")
 
     par = p.add_argument_group("sharded and data-parallel training (the report is one rank's; "
                                "--input-shape/--batch-size are one rank's micro-batch)")
@@ -454,6 +463,11 @@ def _predict(args, built) -> int:
     if args.checkpoint is not None:
         options["checkpoint"] = "auto" if args.checkpoint == "auto" else [
             n.strip() for n in args.checkpoint.split(",") if n.strip()]
+    if args.activation_memory_budget is not None and not args.compile:
+        raise UsageError("--activation-memory-budget is AOTAutograd's: give it with --compile")
+    if args.compile:
+        options["compile"] = ({"activation_memory_budget": args.activation_memory_budget}
+                              if args.activation_memory_budget is not None else True)
     try:
         report = memtrace.report(built.module, **inputs, **options, gpu=args.gpu, verify=args.verify)
     except (ValueError, TypeError) as exc:  # an argument memtrace.report refused: a usage error
@@ -562,7 +576,8 @@ def _answers(args, model, inputs, options, report, gpu) -> dict[str, Any]:
         if sys.stderr.isatty():  # someone is waiting; scripts keep --budget's one line
             print("memtrace: the step does not fit; estimating the levers that would bring it under (one "
                   "estimate each; --no-levers skips them)", file=sys.stderr)
-        answers["levers"] = memtrace.levers(model, **inputs, limit=args.budget, **card, **options)
+        answers["levers"] = memtrace.levers(model, **inputs, limit=args.budget, **card, **options,
+                                            compile_levers=args.compile_levers)
     return answers
 
 

@@ -13,6 +13,7 @@ import torch
 from tabulate import tabulate
 
 from .engine import TraceError
+from .targets import TORCH_VERSION
 from .options import Category, model_dtypes, repeated_blocks
 from .planning import DEFAULT_CAP, Batched, Estimates, MemoryLimit, limit_for, search
 from .report import Report
@@ -28,6 +29,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "adam": {"optimizer": "adam"},
     "adamw": {"optimizer": "adamw"},
     "checkpoint": {"checkpoint": "auto"},
+    "compile": {"compile": True},
+    "compile-budget": {"compile": {"activation_memory_budget": 0.5}},  # torch.compile, recomputing more
 }
 DEFAULT_VARIANTS = ("fp32", "amp", "bf16", "sgd", "adamw", "checkpoint")
 
@@ -184,8 +187,10 @@ class Levers:
                 "failed": [{"label": label, "error": why} for label, why in self.failed]}
 
 
-def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any]) -> list[tuple[str, dict]]:
-    """The settings that can lower memory and are not in use already."""
+def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any],
+                compile_levers: bool = False) -> list[tuple[str, dict]]:
+    """The settings that can lower memory and are not in use already; torch.compile's only when asked for
+    (each compiles the model with Inductor: seconds for a small model, minutes for a large one)."""
     s = base.settings
     out = []
     if s["amp"] == "off" and s["dtype"] == "float32":
@@ -197,6 +202,10 @@ def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any]
     if not s.get("checkpoint") and repeated_blocks(model):
         out.append(("activation checkpointing", {"checkpoint": "auto"}))
     parallel = options.get("parallel")
+    if (compile_levers and s.get("compile") is None and parallel is None and not s.get("checkpoint")
+            and TORCH_VERSION >= (2, 6)):
+        out += [("torch.compile", {"compile": True}),
+                ("torch.compile, activation memory budget 0.5", {"compile": {"activation_memory_budget": 0.5}})]
     if isinstance(parallel, Mapping) and parallel.get("ddp", 1) > 1:
         n = parallel["ddp"]
         out.append((f"FSDP instead of DDP (shard across the {n} ranks)", {"parallel": {"fsdp": n}}))
@@ -256,11 +265,12 @@ def _accumulation_lever(model, batched, options: Mapping[str, Any], mem, largest
 
 def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = None, limit: Any = None,
            gpu: Any = None, context_bytes: Any = None, fragmentation: float | None = None,
-           cap: int = DEFAULT_CAP, **options: Any) -> Levers:
+           cap: int = DEFAULT_CAP, compile_levers: bool = False, **options: Any) -> Levers:
     """When the step does not fit ``limit`` (or ``gpu``'s usable memory), what each lever saves and whether it
     brings the step under: a smaller batch (the largest that fits), the batch as accumulated micro-batches,
-    AMP fp16 / bf16, an optimizer with less state, activation checkpointing, and all of those together when
-    none is enough alone."""
+    AMP fp16 / bf16, an optimizer with less state, activation checkpointing, with ``compile_levers=True``
+    torch.compile (and with an activation memory budget of 0.5), and all of those together when none is
+    enough alone."""
     from . import report
 
     mem = limit_for(options, limit, gpu, context_bytes, fragmentation)
@@ -280,7 +290,7 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
         add(f"batch {given} → {largest.batch_size}", {"batch_size": largest.batch_size}, largest.report)
         _accumulation_lever(model, batched, options, mem, largest.batch_size, add)
     candidates, failed = [], []
-    for label, overrides in _candidates(model, base, options):
+    for label, overrides in _candidates(model, base, options, compile_levers):
         try:
             r = report(model, **batched.at(batched.batch_size), **_apply(options, overrides))
         except TraceError as exc:  # the step with this lever fails (tensor parallel with fused AdamW, say)
@@ -298,7 +308,9 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
         together: dict[str, Any] = {}
         used = []
         for label, overrides in candidates:
-            if not ("amp" in together and "amp" in overrides) and not ("optimizer" in together and "optimizer" in overrides):
+            clash = ({"compile", "checkpoint"} <= set(together) | set(overrides)  # not predicted together
+                     or any(key in together and key in overrides for key in ("amp", "optimizer", "compile")))
+            if not clash:
                 if "parallel" in together and "parallel" in overrides:  # the sharding levers combine
                     if _is_ddp(together["parallel"]) != _is_ddp(overrides["parallel"]):
                         continue  # FSDP instead of DDP, listed first, is kept: DDP's own levers do not apply
