@@ -181,6 +181,25 @@ def tour_python() -> str:
     return r.table(depth=1)
 
 
+@example("tour-compiled", SLOW)
+def tour_compiled() -> str:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import memtrace
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=4000))
+    ids = torch.zeros(4, 128, dtype=torch.long)
+    batch = {"input_ids": ids, "labels": ids}
+    with contextlib.redirect_stderr(io.StringIO()):
+        eager = memtrace.report(gpt2, inputs=batch, optimizer="adamw", device="cpu")
+        compiled = memtrace.report(torch.compile(gpt2), inputs=batch, optimizer="adamw", device="cpu")
+    change = 100 * (compiled.peak_bytes - eager.peak_bytes) / eager.peak_bytes
+    return (f"eager    {memtrace.format_bytes(eager.peak_bytes, 2)}\n"
+            f"compiled {memtrace.format_bytes(compiled.peak_bytes, 2)} ({change:+.1f}%)\n")
+
+
 @example("tour-cli", SLOW)
 def tour_cli() -> str:
     return cli("memtrace torchvision.models:resnet50 --input-shape 3,224,224 --batch-size 256 --amp bf16 "
