@@ -12,11 +12,8 @@ the eager/compiled difference is shown for both. Target (reported, not asserted)
 
 from __future__ import annotations
 
-import copy
-import gc
 import sys
 import time
-from dataclasses import replace
 
 from common import MiB, header, log, quiet_stderr, short_error, suite_arguments
 
@@ -24,9 +21,7 @@ import torch
 from tabulate import tabulate
 
 import memtrace
-from memtrace.measure import _allocation_events, _real_input
-from memtrace.options import parse_options
-from memtrace.step import build_optimizer, run_steps
+from memtrace.measure import measure_compiled_cpu
 from models import Case, ElementwiseMLP, _tokens, _tv, gpt2, llama
 
 TARGET_PCT = 2.0
@@ -39,41 +34,6 @@ CASES = (
     Case("resnet18", _tv("resnet18"), (8, 3, 224, 224)),
     Case("gpt2_small", lambda: gpt2(n_embd=768, n_layer=12, n_head=12, vocab=50257), _tokens(2, 256)),
 )
-
-
-def _held_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for t in (*model.parameters(), *model.buffers()):
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            total += st.nbytes()
-    return total
-
-
-def measure_compiled(case: Case, model: torch.nn.Module, optimizer: str) -> int:
-    """The real compiled step's peak on the CPU, after a warm-up step that compiles it."""
-    from torch.profiler import ProfilerActivity, profile
-
-    options = parse_options(model, **case.report_kwargs(), optimizer=optimizer, device="cpu")
-    real = copy.deepcopy(model)
-    compiled = torch.compile(real)
-    torch.manual_seed(0)
-    warm = build_optimizer(options, list(real.parameters()))
-    run_steps(compiled, replace(options, steps=1), lambda: options.inputs.build(_real_input), warm, None, "cpu")
-    real.zero_grad(set_to_none=True)
-    del warm
-    gc.collect()
-    held = _held_bytes(real)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        opt = build_optimizer(options, list(real.parameters()))
-        run_steps(compiled, options, lambda: options.inputs.build(_real_input), opt, None, "cpu")
-        del opt
-    total = peak = 0
-    for _, size, _ in _allocation_events(prof):
-        total += size
-        peak = max(peak, total)
-    return held + peak
 
 
 def run_case(case: Case, optimizer: str) -> dict:
@@ -94,7 +54,7 @@ def run_case(case: Case, optimizer: str) -> dict:
     try:
         with quiet_stderr():
             t = time.perf_counter()
-            row["measured"] = measure_compiled(case, model, optimizer)
+            row["measured"] = measure_compiled_cpu(model, **kw, optimizer=optimizer).peak_bytes
             row["measure_s"] = time.perf_counter() - t
             row["eager_measured"] = memtrace.measure(model, **kw, optimizer=optimizer, device="cpu").peak_bytes
     except Exception as exc:

@@ -14,7 +14,7 @@ import copy
 import gc
 import math
 from time import time_ns
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -273,3 +273,43 @@ def measure_cpu(model: torch.nn.Module, input_shape=None, *, record_data_depende
         peak = max(peak, total)
     return Measurement("cpu", peak, by_phase, grad_scale=scale, skipped_steps=skipped, data_dependent=recorded)
 
+
+
+def measure_compiled_cpu(model: torch.nn.Module, input_shape=None, **kwargs) -> Measurement:
+    """The real compiled step on the CPU (``torch.compile``, Inductor's C++ kernels built with the machine's
+    compiler), after one warm-up step that compiles its forward and backward: the warm-up's gradients are
+    dropped, and the steps then run under the profiler with a fresh optimizer. The peak is the parameters and
+    buffers held before plus the highest running sum of the profiler's allocation events (no phases)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    options: Options = parse_options(model, input_shape=input_shape, **{**kwargs, "device": "cpu"})
+    if options.amp_dtype is torch.float16:
+        raise ValueError("measure_compiled_cpu does not run GradScaler's fp16 steps; give amp=False or 'bf16'")
+    torch._dynamo.reset()
+    with preserved_rng():
+        torch.manual_seed(0)
+        real = _real_copy(model, options, torch.device("cpu"))
+        compiled = torch.compile(real)
+        new_inputs = lambda: options.inputs.build(_real_input)  # noqa: E731
+        warm = build_optimizer(options, list(real.parameters()))
+        run_steps(compiled, replace(options, steps=1, accumulation_steps=1), new_inputs, warm, None, "cpu")
+        real.zero_grad(set_to_none=True)
+        del warm
+        gc.collect()
+        seen, held = set(), 0
+        for t in (*real.parameters(), *real.buffers()):
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                held += st.nbytes()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            optimizer = build_optimizer(options, list(real.parameters()))
+            run_steps(compiled, options, new_inputs, optimizer, None, "cpu")
+            del optimizer
+        del real, compiled
+    torch._dynamo.reset()
+    total = peak = 0
+    for _, size, _ in _allocation_events(prof):
+        total += size
+        peak = max(peak, total)
+    return Measurement("cpu", held + peak, {})

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import shutil
-from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 import memtrace
-from memtrace.options import Category, Phase, parse_options
+from memtrace.options import Category, Phase
 
 from memtrace.targets import TORCH_VERSION
 
@@ -41,33 +39,9 @@ class Chain(nn.Module):
 
 
 def _real_compiled_peak(model, input_shape, optimizer="sgd", steps=2):
-    """The real compiled step's peak on the CPU after a warm-up step that compiles it (as
-    benchmarks/compiled.py measures it)."""
-    from torch.profiler import ProfilerActivity, profile
+    from memtrace.measure import measure_compiled_cpu
 
-    from memtrace.measure import _allocation_events, _real_input
-    from memtrace.step import build_optimizer, run_steps
-
-    torch._dynamo.reset()
-    options = parse_options(model, input_shape=input_shape, optimizer=optimizer, device="cpu", steps=steps)
-    real = copy.deepcopy(model)
-    compiled = torch.compile(real)
-    warm = build_optimizer(options, list(real.parameters()))
-    run_steps(compiled, replace(options, steps=1), lambda: options.inputs.build(_real_input), warm, None, "cpu")
-    real.zero_grad(set_to_none=True)
-    del warm
-    gc.collect()
-    held = sum(t.untyped_storage().nbytes() for t in real.parameters())
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        opt = build_optimizer(options, list(real.parameters()))
-        run_steps(compiled, options, lambda: options.inputs.build(_real_input), opt, None, "cpu")
-        del opt
-    total = peak = 0
-    for _, size, _ in _allocation_events(prof):
-        total += size
-        peak = max(peak, total)
-    torch._dynamo.reset()
-    return held + peak
+    return measure_compiled_cpu(model, input_shape, optimizer=optimizer, steps=steps).peak_bytes
 
 
 @needs_cxx
@@ -87,7 +61,6 @@ def _partitioner_saved_bytes(model, x, budget=None) -> int:
     (called by Inductor, with its settings) split the step: the forward graph's outputs after the model's
     own, less inputs and views of them."""
     from torch._inductor.compile_fx import compile_fx
-    from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401  (imports the fx passes used below)
 
     saved = []
 
