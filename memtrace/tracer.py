@@ -56,7 +56,9 @@ class StorageRecord:
     role: Category | None = None  # gradient or optimizer state, learnt after birth
     host: bool = False  # lives in host memory on the target device (e.g. Adam's step counter on CUDA)
     sums_into: int | None = None  # record of the engine's buffered gradient this sum could have reused
-    follows: int | None = None  # a foreach op's output: the record of its input at the same place in the list
+    # an optimizer temporary: the record of the input it was computed from (a foreach op's output: its input
+    # at the same place in the list); depth.splice reads it to know whose layer a temporary belongs to
+    follows: int | None = None
 
     @property
     def category(self) -> Category:
