@@ -72,7 +72,8 @@ def report(
     ``compile=True`` (or a model given as ``torch.compile(model)``) predicts the compiled step: the
     forward through Dynamo, AOTAutograd's partitioner and Inductor's buffer plan (``memtrace.compiled``);
     ``compile={"activation_memory_budget": 0.5}`` sets the partitioner's budget. ``compile=False`` predicts
-    the eager step of a compiled model.
+    the eager step of a compiled model. With ``verify=True`` and ``device="cpu"``, the real compiled step
+    is measured after a warm-up step that compiles it.
 
     ``accumulation_steps=k`` runs k forward/backward passes per optimizer step (gradient accumulation:
     the loss divided by k, the gradients summed in ``.grad``), so the gradients of earlier micro-batches
@@ -120,9 +121,9 @@ def report(
 
     if compile is None and _is_compiled_wrapper(model) and TORCH_VERSION >= (2, 6):
         compile = True  # torch.compile(model): the compiled step (before 2.6, the eager one, with a note)
-    if verify and compile:
-        raise ValueError("verify=True does not measure a compiled step yet (its first step compiles); "
-                         "benchmarks/compiled.py measures one after a warm-up step")
+    if verify and compile and str(device).split(":")[0] != "cpu":
+        raise ValueError("verify=True measures a compiled step on the CPU only (device='cpu', after a warm-up step "
+                         "that compiles it); a compiled CUDA step is not measured yet")
 
     eager = eager_module(model)  # a torch.compile'd model: its module (the report says it shows the eager step)
     options = parse_options(
@@ -132,7 +133,14 @@ def report(
         parallel=parallel, world_size=world_size, compile=compile,
     )
     result = replace(trace_step(model, eager, options).report(), source=(model, options))
-    if verify:
+    if verify and options.compile is not None:
+        from .measure import measure_compiled_cpu
+
+        result = replace(result, measured=measure_compiled_cpu(
+            eager, input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, amp=amp,
+            dtype=dtype, loss_fn=loss_fn, steps=steps, accumulation_steps=accumulation_steps, train=train,
+            compile=compile))
+    elif verify:
         from .measure import measure
 
         result = replace(result, measured=measure(

@@ -279,14 +279,19 @@ def measure_compiled_cpu(model: torch.nn.Module, input_shape=None, **kwargs) -> 
     """The real compiled step on the CPU (``torch.compile``, Inductor's C++ kernels built with the machine's
     compiler), after one warm-up step that compiles its forward and backward: the warm-up's gradients are
     dropped, and the steps then run under the profiler with a fresh optimizer. The peak is the parameters and
-    buffers held before plus the highest running sum of the profiler's allocation events (no phases)."""
+    buffers held before plus the highest running sum of the profiler's allocation events (no phases).
+    ``compile={"activation_memory_budget": x}`` compiles with that partitioner budget."""
     from torch.profiler import ProfilerActivity, profile
 
+    settings = kwargs.pop("compile", True)
     options: Options = parse_options(model, input_shape=input_shape, **{**kwargs, "device": "cpu"})
+    budget = settings.get("activation_memory_budget") if isinstance(settings, dict) else None
     if options.amp_dtype is torch.float16:
         raise ValueError("measure_compiled_cpu does not run GradScaler's fp16 steps; give amp=False or 'bf16'")
     torch._dynamo.reset()
-    with preserved_rng():
+    partitioner = (torch._functorch.config.patch(activation_memory_budget=budget) if budget is not None
+                   else contextlib.nullcontext())
+    with preserved_rng(), partitioner:
         torch.manual_seed(0)
         real = _real_copy(model, options, torch.device("cpu"))
         compiled = torch.compile(real)

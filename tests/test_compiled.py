@@ -143,12 +143,22 @@ def test_a_failing_compilation_is_an_error_not_an_eager_number(monkeypatch):
     (dict(compile={"activation_memory_budget": 2}), "from 0 to 1"),
     (dict(compile={"fullgraph": True}), "unknown key"),
     (dict(compile=True, checkpoint=["0"]), "not predicted yet"),
-    (dict(compile=True, verify=True), "does not measure a compiled step"),
+    (dict(compile=True, verify=True, device="cuda"), "on the CPU only"),
 ])
 def test_compile_settings_refused(kw, message):
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     with pytest.raises(ValueError, match=message):
-        memtrace.report(model, (4, 8), device="cpu", **kw)
+        memtrace.report(model, (4, 8), **{"device": "cpu", **kw})
+
+
+@needs_cxx
+def test_verify_measures_the_compiled_step_on_the_cpu():
+    model = Chain()
+    r = memtrace.report(model, (64, 32), optimizer="adam", device="cpu", verify=True,
+                        compile={"activation_memory_budget": 0.0})
+    assert r.measured is not None and r.measured.peak_bytes > 0
+    assert abs(r.error_percent) < 0.01
+    assert "Measured peak" in r.table()
 
 
 def test_compile_in_levers_and_compare():
