@@ -22,6 +22,7 @@ The graph is built only when asked for: a report pays nothing for it.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import weakref
 from typing import Any
@@ -39,6 +40,7 @@ class Recorder:
         self.graph = torch.fx.Graph()
         self._nodes: dict[int, tuple[weakref.ref, torch.fx.Node]] = {}  # id(tensor) -> (ref, node)
         self._inputs = 0
+        self._last_input: torch.fx.Node | None = None
         self._spans: list[tuple[torch.fx.Node, int, int]] = []  # (node, first event, end) as the tracer counts
         self._events = 0
         self.spans: list[tuple[torch.fx.Node | None, int, int]] = []  # the same in the trace's event positions
@@ -66,7 +68,12 @@ class Recorder:
             entry = self._nodes.get(id(a))
             if entry is not None and entry[0]() is a:
                 return entry[1]
-            node = self.graph.placeholder(f"tensor_{self._inputs}")
+            first = next(iter(self.graph.nodes), None)  # placeholders first, as a graph's inputs are
+            where = (self.graph.inserting_after(self._last_input) if self._last_input is not None else
+                     self.graph.inserting_before(first) if first is not None else contextlib.nullcontext())
+            with where:
+                node = self.graph.placeholder(f"tensor_{self._inputs}")
+            self._last_input = node
             self._inputs += 1
             self._remember(a, node)
             return node

@@ -30,6 +30,7 @@ def test_graph_is_the_step_and_adds_up_to_the_timeline(make, kw):
     report = memtrace.report(make(), **kw)
     gm = report.graph()
     assert isinstance(gm, torch.fx.GraphModule) and "def forward" in gm.code
+    gm.graph.lint()  # a well-formed graph: inputs first, every argument defined before its use
     nodes = _op_nodes(gm)
     assert len(nodes) == report.traced_ops  # every op the tracer saw, once
     assert [n.meta["memtrace"]["op_index"] for n in nodes] == list(range(1, report.traced_ops + 1))
