@@ -242,6 +242,7 @@ class _View:
             n = counts.get((s, kind), 0)
             counts[(s, kind)] = n + 1
             self.local.append(kind + (n,))
+        self.tokens = [self._token(r) for r in t.records]  # each record's, once: records and events use them
 
         # where each event happens: an allocation in its record's module's layer, a free in the layer of the
         # module running; a free outside any layer's module in the layer of the allocation before it (a
@@ -281,11 +282,10 @@ class _View:
         found = _layer(name, self.path) if isinstance(name, str) else None
         return name if found is None else f"{self.path}.#{found[1]}"
 
-    def token(self, i: int) -> tuple:
+    def _token(self, r: StorageRecord) -> tuple:
         """A record's own fields, with the layer's index taken out of its names."""
-        r = self.t.records[i]
         return (r.nbytes, r.birth, self.plain(r.module), r.phase, r.iteration, r.op, r.saved, r.role, r.host,
-                tuple((tb, self.plain(n)) for tb, n in self.tags.get(i, ())))
+                tuple((tb, self.plain(n)) for tb, n in self.tags.get(r.index, ())))
 
     def ref(self, i: int, ctx: int | None, outside) -> tuple:
         """How record ``i`` reads from layer ``ctx`` (None: outside the stack); ``outside(i)`` names a record
@@ -383,7 +383,7 @@ class _Splice:
 
         # records, with the sized calls among them, in the order they were made
         def record_tokens(v: _View) -> list:
-            return [("L", v.place(v.slot[i]), v.local[i], v.token(i)) if v.slot[i] is not None else ("U", v.token(i))
+            return [("L", v.place(v.slot[i]), v.local[i], v.tokens[i]) if v.slot[i] is not None else ("U", v.tokens[i])
                     for i in range(len(v.t.records))]
 
         rta, rtb = record_tokens(va), record_tokens(vb)
@@ -394,31 +394,31 @@ class _Splice:
                    [rtb[i] if kind == "r" else ctb[i] for kind, i in self.ritems_b], "allocation")
         self.rruns = _runs(self.ritems_b, m)
         self.rec_ab: dict[int, int] = {}
-        self.call_ab: dict[int, int] = {}
         for x, k in zip(self.ritems_a, m):
-            (self.rec_ab if x[0] == "r" else self.call_ab)[x[1]] = self.ritems_b[k][1]
+            if x[0] == "r":
+                self.rec_ab[x[1]] = self.ritems_b[k][1]
         self.rec_ba = {v: k for k, v in self.rec_ab.items()}
-        self.call_ba = {v: k for k, v in self.call_ab.items()}
         for kind, i in (x for run in self.rruns.values() for x in run):
             if kind == "r" and vb.slot[i] is not None and vb.slot[i] != j:
                 raise NoSplice(f"allocation {i} ({b.records[i].op} in {b.records[i].module}) of a layer that is not "
                                "the inserted one has no counterpart in the shallower trace")
 
         # events, with the calls among them: what each refers to, read from where it happens
-        def event_tokens(v: _View, t: Trace, outside) -> list:
+        def event_tokens(v: _View, items: list, record_tokens: list, outside) -> list:
             out = []
-            for kind, i in _items(t, "event_at"):
+            for kind, i in items:
                 if kind == "c":
-                    out.append(("call", v.call_token(i, rta if v is va else rtb)))
+                    out.append(("call", v.call_token(i, record_tokens)))
                     continue
-                r, is_alloc = t.events[i]
+                r, is_alloc = v.t.events[i]
                 ctx = v.ctx[i]
-                out.append((is_alloc, v.place(ctx), v.ref(r, ctx, outside), v.token(r)))
+                out.append((is_alloc, v.place(ctx), v.ref(r, ctx, outside), v.tokens[r]))
             return out
 
-        eta = event_tokens(va, a, lambda i: ("matched", self.rec_ab[i]))
-        etb = event_tokens(vb, b, lambda i: ("matched", i) if i in self.rec_ba else ("new", vb.token(i)))
         self.eitems_a, self.eitems_b = _items(a, "event_at"), _items(b, "event_at")
+        eta = event_tokens(va, self.eitems_a, rta, lambda i: ("matched", self.rec_ab[i]))
+        etb = event_tokens(vb, self.eitems_b, rtb,
+                           lambda i: ("matched", i) if i in self.rec_ba else ("new", vb.tokens[i]))
         positions = _embed(eta, etb, "event")
         self.eruns = _runs(self.eitems_b, positions)
         # op numbers: each A event's shift into B
