@@ -153,7 +153,7 @@ def _named_input(text: str) -> tuple[str | None, tuple[int, ...], torch.dtype | 
 
 def build_parser() -> argparse.ArgumentParser:
     from .loading import TASKS
-    from .options import OPTIMIZERS
+    from .options import BITSANDBYTES_OPTIMIZERS, OPTIMIZERS
 
     p = _Parser(prog="memtrace", description="Predict the GPU memory of a PyTorch training step, without a GPU.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "'module:op' patterns to sizes, e.g. '{\"rpn:nms\": 1000}'")
 
     tr = p.add_argument_group("training step")
-    tr.add_argument("--optimizer", default="adam", choices=[*OPTIMIZERS, "none"])
+    tr.add_argument("--optimizer", default="adam", choices=[*OPTIMIZERS, *BITSANDBYTES_OPTIMIZERS, "none"])
     tr.add_argument("--optimizer-kwargs", type=_json_object, default=None, metavar="JSON")
     tr.add_argument("--amp", choices=["off", "fp16", "bf16"], default="off", help="automatic mixed precision")
     tr.add_argument("--dtype", type=_dtype, default=None,

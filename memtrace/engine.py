@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from . import quantized
 from .options import Category, Options, Phase
 from .step import build_optimizer, run_steps
 from .targets import FunctionRules, Target, target_for
@@ -125,6 +126,7 @@ def _fake_copy(model: torch.nn.Module, options: Options, tracker: StorageTracker
     first, then parameters, then buffers), so the allocator model sees the same sequence. Tensors held in
     plain attributes, also inside lists, tuples and dicts, are made fake too: ``Module.to()`` moves none of
     them, but a deep copy must not copy their data."""
+    quantized.refuse_unsupported(model)
     memo: dict[int, object] = {}
     visited: set[int] = set()
 
@@ -137,7 +139,10 @@ def _fake_copy(model: torch.nn.Module, options: Options, tracker: StorageTracker
         tracker.where.birth = Category.PARAMETER
         for p in module._parameters.values():
             if p is not None and id(p) not in memo:
-                memo[id(p)] = torch.nn.Parameter(_fake_like(p, options.dtype), requires_grad=p.requires_grad)
+                if quantized.is_4bit(p):
+                    memo[id(p)] = quantized.fake_4bit(p, memo, tracker, lambda t: _fake_like(t, None), options.dtype)
+                else:
+                    memo[id(p)] = torch.nn.Parameter(_fake_like(p, options.dtype), requires_grad=p.requires_grad)
         tracker.where.birth = Category.BUFFER
         for b in module._buffers.values():
             if b is not None and id(b) not in memo:
@@ -412,6 +417,11 @@ def _trace(model: torch.nn.Module, options: Options, mesh, graph=None) -> Trace:
         if sharded:  # the whole model never exists on a rank: only its shards are accounted
             tracker.recording = False
         fake_model = _fake_copy(model, options, tracker)
+        if quantized.uses_bitsandbytes(model):
+            quantized.after_copy(fake_model, target)
+            tracker.note(quantized.note(target))
+        if "bitsandbytes" in sys.modules:
+            tracker.dispatch_rules = {**tracker.dispatch_rules, **quantized.op_rules(target)}
         fake_model.train(options.train)
         _checkpoint_modules(fake_model, options.checkpoint, tracker, target, hooks)
         if sharded:
@@ -446,6 +456,13 @@ def _trace(model: torch.nn.Module, options: Options, mesh, graph=None) -> Trace:
         name_of = {id(p): n for n, p in params.items()}
         tracker.param_module = owner
         param_records = {n: tracker.record_of(p) for n, p in params.items()}
+        held = {id(r) for r in param_records.values()}
+        for n, p in params.items():  # a 4-bit weight's statistics are held with it (a code shared once)
+            for stat, t in quantized.statistics(n, p):
+                rec = tracker.record_of(t)
+                if rec is not None and id(rec) not in held:
+                    param_records[stat] = rec
+                    held.add(id(rec))
 
         def note_gradient(name: str, grad: torch.Tensor) -> None:
             rec = tracker.record_of(grad)
@@ -464,15 +481,18 @@ def _trace(model: torch.nn.Module, options: Options, mesh, graph=None) -> Trace:
         with tracker.hidden():
             stepped = parallel.local_shards(params, options) if sharded else None
         rank_keys: tuple = ()
-        if replicated and options.parallel.zero and options.optimizer is not None:
-            optimizer = parallel.zero_redundancy(options, list(params.values()), target.prepare_optimizer)
-            rank_keys = parallel.zero_rank_keys(optimizer)
-        elif stepped is None:
-            optimizer = build_optimizer(options, list(params.values()), target.prepare_optimizer)
-        else:  # an elementwise optimizer over the rank's shards (parallel.local_shards says why)
-            optimizer = build_optimizer(options, list(stepped.values()), target.prepare_optimizer)
-            name_of.update({id(shard): name for name, shard in stepped.items()})
-            parallel.clear_sharded_grads_with(optimizer, list(params.values()))
+        with quantized.building_optimizers():
+            if replicated and options.parallel.zero and options.optimizer is not None:
+                optimizer = parallel.zero_redundancy(options, list(params.values()), target.prepare_optimizer)
+                rank_keys = parallel.zero_rank_keys(optimizer)
+            elif stepped is None:
+                optimizer = build_optimizer(options, list(params.values()), target.prepare_optimizer)
+            else:  # an elementwise optimizer over the rank's shards (parallel.local_shards says why)
+                optimizer = build_optimizer(options, list(stepped.values()), target.prepare_optimizer)
+                name_of.update({id(shard): name for name, shard in stepped.items()})
+                parallel.clear_sharded_grads_with(optimizer, list(params.values()))
+        if optimizer is not None and "bitsandbytes" in sys.modules and quantized.is_bitsandbytes_optimizer(optimizer):
+            quantized.prepare_optimizer(optimizer, tracker, target)
         scaler = torch.amp.GradScaler("cpu") if (options.train and options.uses_grad_scaler) else None
 
         def mark_optimizer_state():
@@ -536,7 +556,8 @@ def _trace(model: torch.nn.Module, options: Options, mesh, graph=None) -> Trace:
     return Trace(
         target=target, records=tracker.records, events=tracker.events, event_ops=tracker.event_ops,
         phase_starts=phase_starts, modules=infos, param_records=param_records, grad_records=grad_records,
-        state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()},
+        state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()} | {
+            stat: owner[id(p)] for n, p in params.items() for stat, _ in quantized.statistics(n, p) if stat in param_records},
         assumptions=tracker.assumptions, op_count=tracker.op_count, flops=flops.counts,
         notes=tuple(about + tracker.notes + _upper_bound_note(tracker.assumptions)), shard_layout=tuple(shard_layout),
         rank_keys=rank_keys, sized=tuple(tracker.sized), free_modules=tracker.free_modules,

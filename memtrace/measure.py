@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import quantized
 from .engine import preserved_rng
 from .options import Options, Phase, TensorSpec, parse_options
 from .step import build_optimizer, run_steps
@@ -58,6 +59,8 @@ def _real_copy(model: torch.nn.Module, options: Options, device: torch.device) -
     same whatever the values)."""
     on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     real = copy.deepcopy(model)
+    if quantized.uses_bitsandbytes(real):
+        quantized.after_copy(real)
     if on_meta:
         real = materialise(real, device)
     real = real.to(device)

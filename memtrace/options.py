@@ -45,6 +45,18 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adagrad": torch.optim.Adagrad,
 }
 
+# bitsandbytes' optimizers, imported when named: block-wise 8-bit states, and paged ones whose large states live
+# in CUDA unified memory
+BITSANDBYTES_OPTIMIZERS: dict[str, str] = {
+    "adamw8bit": "AdamW8bit",
+    "adam8bit": "Adam8bit",
+    "paged_adamw8bit": "PagedAdamW8bit",
+    "paged_adamw": "PagedAdamW32bit",
+    "paged_adamw32bit": "PagedAdamW32bit",
+    "lion8bit": "Lion8bit",
+    "paged_lion8bit": "PagedLion8bit",
+}
+
 AMP_MODES: dict[Any, torch.dtype | None] = {
     False: None, None: None, "none": None, "off": None,
     True: torch.float16, "fp16": torch.float16, "float16": torch.float16,
@@ -278,8 +290,17 @@ def parse_optimizer(optimizer: Any) -> tuple[Callable | None, str]:
         return None, "none"
     if isinstance(optimizer, str):
         key = optimizer.lower()
+        if key in BITSANDBYTES_OPTIMIZERS:
+            try:
+                import bitsandbytes.optim
+            except ImportError as exc:
+                raise ValueError(f"optimizer={optimizer!r} is bitsandbytes' {BITSANDBYTES_OPTIMIZERS[key]}, and "
+                                 f"bitsandbytes does not import here ({exc}); pip install bitsandbytes") from exc
+            cls = getattr(bitsandbytes.optim, BITSANDBYTES_OPTIMIZERS[key])
+            return cls, cls.__name__
         if key not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r} is unknown; valid: {_choices(OPTIMIZERS)}, None, "
+            raise ValueError(f"optimizer={optimizer!r} is unknown; valid: {_choices(OPTIMIZERS)}, "
+                             f"{_choices(BITSANDBYTES_OPTIMIZERS)} (bitsandbytes), None, "
                              "a torch.optim.Optimizer subclass or a callable(params) -> Optimizer")
         return OPTIMIZERS[key], OPTIMIZERS[key].__name__
     if inspect.isclass(optimizer) and issubclass(optimizer, torch.optim.Optimizer):

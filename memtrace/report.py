@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from .datadep import ITEM, describe_choices
+from . import quantized
 from .engine import Trace
 from .options import Category, Options, Phase
 
@@ -320,7 +321,7 @@ def build_report(model: torch.nn.Module, options: Options, trace: Trace) -> Repo
         spans.append(PhaseSpan(ph, it, start, end, span_peak))
 
     layers = _layer_rows(trace, charged)
-    param_count = sum(p.numel() for p in model.parameters())  # each shared parameter once
+    param_count = sum(quantized.numel(p) for p in model.parameters())  # each shared parameter once
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assumptions = _assumptions(trace.assumptions, options)
     return Report(
@@ -374,7 +375,7 @@ def _layer_rows(trace: Trace, charged: dict[int, int]) -> tuple[LayerRow, ...]:
         entry[2] += max((charged.get(r.index, 0) for r in grads), default=0)
         entry[3] += sum(charged.get(r.index, 0) for r in once(trace.state_records.get(pname, [])) if not r.host)
     for m in trace.modules:
-        own[m.name][0] = sum(p.numel() for p in m.params)
+        own[m.name][0] = sum(quantized.numel(p) for p in m.params)
     outside: dict[str, int] = {}
     for rec in trace.records:
         if rec.category is Category.ACTIVATION and rec.iteration == 0 and rec.phase is Phase.FORWARD:
