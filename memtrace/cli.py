@@ -220,6 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --compile: AOTAutograd's activation memory budget (0 to 1; 1, the default, saves "
                          "what the min-cut partitioner chooses, lower recomputes more in backward)")
 
+    ft = p.add_argument_group("fine-tuning (bitsandbytes and peft; memtrace.hf)")
+    ft.add_argument("--quantize", choices=["nf4", "fp4"],
+                    help="load the Linears (but the output head) as bitsandbytes 4-bit layers, as "
+                         "BitsAndBytesConfig(load_in_4bit=True) does, with double quantisation and bfloat16 compute")
+    ft.add_argument("--no-double-quant", action="store_true", help="with --quantize: statistics not quantised again")
+    ft.add_argument("--prepare-kbit", action="store_true",
+                    help="peft's prepare_model_for_kbit_training: the weights not quantised made float32")
+    ft.add_argument("--lora-r", type=_positive, metavar="R", help="peft LoRA adapters of rank R (all Linears)")
+    ft.add_argument("--lora-targets", metavar="NAMES", default="all-linear",
+                    help="with --lora-r: comma-separated module names for the adapters (default all-linear)")
+    ft.add_argument("--dora", action="store_true", help="with --lora-r: DoRA adapters")
+    ft.add_argument("--trainer-args", metavar="FILE",
+                    help="a YAML or JSON file of Hugging Face TrainingArguments fields: the batch, accumulation, "
+                         "bf16/fp16, gradient_checkpointing and optim are read from it (with --seq-len)")
+
     par = p.add_argument_group("sharded and data-parallel training (the report is one rank's; "
                                "--input-shape/--batch-size are one rank's micro-batch)")
     par.add_argument("--fsdp", type=_positive, metavar="N",
@@ -426,10 +441,41 @@ def _run(args, parser) -> int:
         built = build_model(args.model, args.model_kwargs, args.task)
     except ModelSpecError as exc:
         raise UsageError(str(exc)) from None
+    built = _fine_tuned(args, built)
     if built.note:
         print(f"memtrace: note: {built.note}", file=sys.stderr)
     with _quiet_library(built):
         return _predict(args, built)
+
+
+def _fine_tuned(args, built):
+    """The model as --quantize / --prepare-kbit / --lora-r set it up."""
+    if args.no_double_quant and not args.quantize:
+        raise UsageError("--no-double-quant goes with --quantize")
+    if (args.dora or args.lora_targets != "all-linear") and args.lora_r is None:
+        raise UsageError("--dora and --lora-targets go with --lora-r")
+    if not (args.quantize or args.prepare_kbit or args.lora_r):
+        return built
+    from dataclasses import replace
+
+    from .hf import qlora
+
+    targets = args.lora_targets if args.lora_targets == "all-linear" else [
+        n.strip() for n in args.lora_targets.split(",") if n.strip()]
+    model = built.module
+    if args.dtype is not None:  # the checkpoint's dtype, before peft adds its float32 adapters
+        model = model.to(args.dtype)
+        args.dtype = None
+    try:
+        module = qlora(model, bits=4 if args.quantize else 16, quant_type=args.quantize or "nf4",
+                       double_quant=not args.no_double_quant, r=args.lora_r, targets=targets, dora=args.dora,
+                       prepare=args.prepare_kbit)
+    except ImportError as exc:
+        raise UsageError(f"--quantize, --prepare-kbit and --lora-r need bitsandbytes and peft ({exc}); "
+                         "pip install bitsandbytes peft") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return replace(built, module=module)
 
 
 def _quiet_library(built):
@@ -447,6 +493,8 @@ def _predict(args, built) -> int:
     from .gpus import DEFAULT_GPU, lookup, present
     from .units import format_bytes
 
+    if args.trainer_args is not None:
+        return _predict_trainer(args, built)
     inputs = _inputs(args, built)
     options = dict(optimizer=None if args.optimizer == "none" else args.optimizer,
                    optimizer_kwargs=args.optimizer_kwargs, amp=False if args.amp == "off" else args.amp,
@@ -498,6 +546,46 @@ def _predict(args, built) -> int:
         if path:
             print(f"memtrace: wrote the {what} to {path}", file=sys.stderr)
     if args.budget is not None and report.peak_bytes > args.budget:
+        print(f"memtrace: predicted peak {format_bytes(report.peak_bytes)} is over the budget of "
+              f"{format_bytes(args.budget)} by {format_bytes(report.peak_bytes - args.budget)}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    return EXIT_OK
+
+
+def _predict_trainer(args, built) -> int:
+    """--trainer-args: the Trainer's step from its arguments (memtrace.hf), printed as a report."""
+    import memtrace.hf
+
+    from .gpus import DEFAULT_GPU, lookup
+
+    given = [flag for flag, value in (("--batch-size", args.batch_size), ("--amp", args.amp != "off"),
+                                      ("--optimizer", args.optimizer != "adam"), ("--checkpoint", args.checkpoint),
+                                      ("--accumulation-steps", args.accumulation_steps != 1),
+                                      ("--compile", args.compile), ("--inference", args.inference)) if value]
+    if given:
+        raise UsageError(f"{', '.join(given)}: read from --trainer-args (per_device_train_batch_size, bf16/fp16, optim, "
+                         "gradient_checkpointing, gradient_accumulation_steps, torch_compile); leave them out")
+    if args.seq_len is None:
+        raise UsageError("--trainer-args needs --seq-len: the length the data collator pads or packs to")
+    if args.max_batch or args.fits or args.compare or args.dataset_size or args.by_op or args.plot or args.snapshot:
+        raise UsageError("--trainer-args prints the Trainer step's report; the questions (--max-batch, --fits, "
+                         "--compare, ...) take the step's own flags")
+    if _parallel(args) is not None:
+        raise UsageError("--trainer-args predicts one device; the sharding flags go without it")
+    try:
+        trainer_args = memtrace.hf.training_arguments(args.trainer_args)
+        report = memtrace.hf.report(built.module, trainer_args, seq_len=args.seq_len, dtype=args.dtype,
+                                    device=args.device, steps=args.steps, gpu=args.gpu, verify=args.verify)
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    gpu = (args.gpu or lookup(DEFAULT_GPU)) if args.device == "cuda" else None
+    if args.format == "json":
+        print(json.dumps(report.to_dict(allocations=args.allocations), indent=2))
+    else:
+        print(render(report, gpu, args, {}))
+    if args.budget is not None and report.peak_bytes > args.budget:
+        from .units import format_bytes
+
         print(f"memtrace: predicted peak {format_bytes(report.peak_bytes)} is over the budget of "
               f"{format_bytes(args.budget)} by {format_bytes(report.peak_bytes - args.budget)}", file=sys.stderr)
         return EXIT_OVER_BUDGET

@@ -66,7 +66,10 @@ def _same_value(a: Any, b: Any, ia: int, ib: int) -> bool:
         return list(a) == list(b) and all(_same_value(a[k], b[k], ia, ib) for k in a)
     if isinstance(a, torch.Tensor):
         return a.shape == b.shape and a.dtype == b.dtype and a.requires_grad == b.requires_grad
-    if isinstance(a, (str, float, complex, type(None), torch.dtype, torch.device, frozenset, set)):
+    if isinstance(a, str):  # a dotted path naming the layer itself (peft's target_name) counts as the same
+        pa, pb = a.split("."), b.split(".")
+        return len(pa) == len(pb) and all(x == y or (x == str(ia) and y == str(ib)) for x, y in zip(pa, pb))
+    if isinstance(a, (float, complex, type(None), torch.dtype, torch.device, frozenset, set)):
         return a == b
     if callable(a):
         return False  # hooks, bound methods: per layer, their effect unknown

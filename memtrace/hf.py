@@ -219,3 +219,35 @@ class MemtraceCallback(_CallbackBase):
         self.print_fn(f"memtrace: measured peak {format_bytes(self.measured_bytes)} ({self.measured_bytes:,} B) "
                       f"after {state.global_step} steps; predicted {format_bytes(self.report.peak_bytes)} "
                       f"({error:+.2f}%)")
+
+
+def qlora(model: torch.nn.Module, *, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
+          compute_dtype: torch.dtype = torch.bfloat16, r: int | None = 16, alpha: int | None = None,
+          dropout: float = 0.0, targets: Any = "all-linear", dora: bool = False,
+          prepare: bool = False) -> torch.nn.Module:
+    """``model`` as a QLoRA fine-tune sets it up, for a prediction: its Linears (but the output head) made
+    bitsandbytes 4-bit layers as ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+    bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)`` loads them (``bits=16``:
+    left as they are), with ``prepare=True`` peft's ``prepare_model_for_kbit_training`` (the other
+    weights made float32, input gradients on; the Trainer's checkpointing is its own argument), then peft LoRA
+    adapters of rank ``r`` on ``targets`` (``r=None``: none). Works on a model built on the meta device (its
+    weights are quantised on fake tensors when traced) and returns the new model."""
+    from .quantized import quantize_4bit
+
+    if bits == 4:
+        model = quantize_4bit(model, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype)
+    elif bits != 16:
+        raise ValueError(f"bits={bits!r}: 4 (bitsandbytes 4-bit) or 16 (the weights as they are); 8-bit base "
+                         "weights are not predicted yet")
+    if prepare:
+        import peft
+
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if r is not None:
+        import peft
+
+        config = peft.LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
+                                 target_modules=targets, use_dora=dora,
+                                 task_type="CAUSAL_LM" if hasattr(model, "get_output_embeddings") else None)
+        model = peft.get_peft_model(model, config)
+    return model

@@ -245,3 +245,46 @@ def test_callback_prints_the_prediction_when_training_begins():
     assert callback.report is not None and len(lines) == 1 and f"{callback.report.peak_bytes:,} B" in lines[0]
     callback.on_step_end(args, SimpleNamespace(is_world_process_zero=True, global_step=2), None)
     assert callback.measured_bytes is None or torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------------------------
+# the command line
+# ------------------------------------------------------------------------------------------------------
+TINY_LLAMA = ('{"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, '
+              '"num_key_value_heads": 2, "vocab_size": 1000}')
+
+
+def cli_json(capsys, *argv) -> dict:
+    import json
+
+    from memtrace.cli import main
+
+    assert main(["hf:LlamaConfig", "--model-kwargs", TINY_LLAMA, "--format", "json", "--device", "cpu", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_qlora_flags_are_the_python_setup(capsys):
+    from memtrace.loading import build_model
+
+    out = cli_json(capsys, "--dtype", "bf16", "--quantize", "nf4", "--lora-r", "4", "--batch-size", "2",
+                   "--seq-len", "32", "--optimizer", "adamw8bit")
+    model = memtrace.hf.qlora(build_model("hf:LlamaConfig", {"hidden_size": 256, "intermediate_size": 512,
+                                                             "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                             "num_key_value_heads": 2, "vocab_size": 1000}
+                                          ).module.to(torch.bfloat16), r=4)
+    r = memtrace.report(model, inputs=token_batch(model, 2, 32), optimizer="adamw8bit", device="cpu")
+    assert out["peak_bytes"] == r.peak_bytes
+    assert out["trainable_param_count"] == r.trainable_param_count < out["param_count"]
+
+
+def test_cli_trainer_args(capsys, tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text('{"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "optim": "adamw_torch"}')
+    out = cli_json(capsys, "--quantize", "nf4", "--lora-r", "4", "--seq-len", "32", "--trainer-args", str(path))
+    assert out["settings"]["accumulation_steps"] == 2
+    from memtrace.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["hf:LlamaConfig", "--model-kwargs", TINY_LLAMA, "--seq-len", "32", "--trainer-args", str(path),
+              "--optimizer", "sgd"])
+    assert "read from --trainer-args" in capsys.readouterr().err
