@@ -31,6 +31,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "checkpoint": {"checkpoint": "auto"},
     "compile": {"compile": True},
     "compile-budget": {"compile": {"activation_memory_budget": 0.5}},  # torch.compile, recomputing more
+    "adamw8bit": {"optimizer": "adamw8bit"},  # bitsandbytes
+    "paged-adamw8bit": {"optimizer": "paged_adamw8bit"},
+    "qlora": {"model_setup": lambda model: _qlora_setup(model)},  # 4-bit nf4 base, LoRA r=16 (bitsandbytes, peft)
 }
 DEFAULT_VARIANTS = ("fp32", "amp", "bf16", "sgd", "adamw", "checkpoint")
 
@@ -57,12 +60,51 @@ def variant(spec: Any) -> tuple[str, dict[str, Any]]:
 
 
 def _apply(options: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    merged = {**options, **overrides}
+    merged = {**options, **{k: v for k, v in overrides.items() if k != "model_setup"}}
     if "optimizer" in overrides and "optimizer_kwargs" not in overrides:
         merged.pop("optimizer_kwargs", None)  # another optimizer's keyword arguments need not fit this one
     if overrides.get("amp") not in (None, False) and "dtype" not in overrides:
         merged["dtype"] = torch.float32  # AMP trains float32 parameters
     return merged
+
+
+def _set_up(model: torch.nn.Module, overrides: Mapping[str, Any]) -> torch.nn.Module:
+    """The model a variant trains: ``overrides["model_setup"](model)`` (QLoRA: quantised, with adapters) on a
+    copy, or the model itself."""
+    setup = overrides.get("model_setup")
+    if setup is None:
+        return model
+    import copy
+
+    return setup(copy.deepcopy(model))
+
+
+def _qlora_setup(model: torch.nn.Module) -> torch.nn.Module:
+    from .hf import qlora
+
+    return qlora(model, r=16)
+
+
+def _fine_tuning_levers(model: torch.nn.Module, s: Mapping[str, Any], parallel: Any) -> list[tuple[str, dict]]:
+    """bitsandbytes' and peft's levers, where they import: an 8-bit AdamW and a paged one in place of Adam's
+    float32 state, and a full fine-tune as QLoRA (a 4-bit base with rank-16 adapters; it trains the adapters
+    only)."""
+    import importlib.util
+
+    from . import quantized
+
+    out: list[tuple[str, dict]] = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return out
+    if s["optimizer"] in ("Adam", "AdamW"):
+        out += [("8-bit AdamW (bitsandbytes)", {"optimizer": "adamw8bit"}),
+                ("paged 8-bit AdamW (large states in unified memory)", {"optimizer": "paged_adamw8bit"})]
+    linears = any(type(m) is torch.nn.Linear for m in model.modules())
+    trains_all = all(p.requires_grad for p in model.parameters())
+    if (linears and trains_all and not quantized.uses_bitsandbytes(model) and parallel is None
+            and importlib.util.find_spec("peft") is not None and hasattr(model, "get_output_embeddings")):
+        out.append(("QLoRA: 4-bit base + LoRA r=16 (adapters only)", {"model_setup": _qlora_setup}))
+    return out
 
 
 def _moved(report: Report, base: Report, threshold: int) -> tuple[tuple[Category, int], ...]:
@@ -127,7 +169,7 @@ def compare(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = No
         raise ValueError("variants= is empty; give at least one, e.g. ('fp32', 'bf16')")
     from . import report
 
-    reports = [report(model, input_shape, inputs=inputs, **_apply(options, o)) for _, o in specs]
+    reports = [report(_set_up(model, o), input_shape, inputs=inputs, **_apply(options, o)) for _, o in specs]
     base = reports[0]
     threshold = max(1, base.peak_bytes // 100)
     return Comparison(tuple(VariantRow(label, o, r, r.peak_bytes - base.peak_bytes, _moved(r, base, threshold))
@@ -201,6 +243,7 @@ def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any]
             out.append(("Adafactor (factored state)", {"optimizer": torch.optim.Adafactor}))
     if not s.get("checkpoint") and repeated_blocks(model):
         out.append(("activation checkpointing", {"checkpoint": "auto"}))
+    out += _fine_tuning_levers(model, s, options.get("parallel"))
     parallel = options.get("parallel")
     if (compile_levers and s.get("compile") is None and parallel is None and not s.get("checkpoint")
             and TORCH_VERSION >= (2, 6)):
@@ -292,7 +335,7 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
     candidates, failed = [], []
     for label, overrides in _candidates(model, base, options, compile_levers):
         try:
-            r = report(model, **batched.at(batched.batch_size), **_apply(options, overrides))
+            r = report(_set_up(model, overrides), **batched.at(batched.batch_size), **_apply(options, overrides))
         except TraceError as exc:  # the step with this lever fails (tensor parallel with fused AdamW, say)
             failed.append((label, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
             continue
@@ -309,7 +352,7 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
         used = []
         for label, overrides in candidates:
             clash = ({"compile", "checkpoint"} <= set(together) | set(overrides)  # not predicted together
-                     or any(key in together and key in overrides for key in ("amp", "optimizer", "compile")))
+                     or any(key in together and key in overrides for key in ("amp", "optimizer", "compile", "model_setup")))
             if not clash:
                 if "parallel" in together and "parallel" in overrides:  # the sharding levers combine
                     if _is_ddp(together["parallel"]) != _is_ddp(overrides["parallel"]):
@@ -322,7 +365,7 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
                 together.update(overrides)
                 used.append(label)
         try:
-            r = report(model, **batched.at(batched.batch_size), **_apply(options, together))
+            r = report(_set_up(model, together), **batched.at(batched.batch_size), **_apply(options, together))
         except TraceError as exc:
             failed.append((" + ".join(used), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
         else:

@@ -288,3 +288,43 @@ def test_cli_trainer_args(capsys, tmp_path):
         main(["hf:LlamaConfig", "--model-kwargs", TINY_LLAMA, "--seq-len", "32", "--trainer-args", str(path),
               "--optimizer", "sgd"])
     assert "read from --trainer-args" in capsys.readouterr().err
+
+
+def test_levers_and_variants_know_the_fine_tuning_settings():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))
+    inputs = token_batch(model, 2, 64)
+    base = memtrace.report(model, inputs=inputs, optimizer="adamw")
+    lv = memtrace.levers(model, inputs=inputs, optimizer="adamw", limit=base.peak_bytes // 2)
+    by_label = {lever.label: lever for lever in lv.levers}
+    eight_bit = by_label["8-bit AdamW (bitsandbytes)"]
+    assert eight_bit.report.peak_bytes == memtrace.report(model, inputs=inputs, optimizer="adamw8bit").peak_bytes
+    assert by_label["paged 8-bit AdamW (large states in unified memory)"].saves_bytes > 0
+    qlora = by_label["QLoRA: 4-bit base + LoRA r=16 (adapters only)"]
+    assert qlora.report.trainable_param_count < qlora.report.param_count
+    assert qlora.report.peak_bytes == memtrace.report(memtrace.hf.qlora(qlora_base(), r=16), inputs=inputs,
+                                                      optimizer="adamw").peak_bytes
+    from memtrace.quantized import uses_bitsandbytes
+
+    assert not uses_bitsandbytes(model) and all(p.requires_grad for p in model.parameters())  # a copy was set up
+    cmp = memtrace.compare(model, inputs=inputs, optimizer="adamw", variants=["adamw", "adamw8bit", "qlora"])
+    assert [row.peak_bytes for row in cmp.rows] == [base.peak_bytes, eight_bit.report.peak_bytes,
+                                                    qlora.report.peak_bytes]
+
+
+def qlora_base():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=1000))
+
+
+def test_sharded_and_compiled_4bit_steps_are_refused():
+    with pytest.raises(ValueError, match="parallel= with bitsandbytes 4-bit weights"):
+        memtrace.report(TwoLinears(), (4, 256), parallel={"fsdp": 2}, device="cpu")
+    with pytest.raises(ValueError, match="compile= with bitsandbytes 4-bit weights"):
+        memtrace.report(TwoLinears(), (4, 256), compile=True, device="cpu")
