@@ -206,6 +206,38 @@ def tour_cli() -> str:
                "--budget 10GiB", first="Predicted peak", last="activation checkpointing")
 
 
+LLAMA3_8B = ('{"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, '
+             '"num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192}')
+
+
+@example("tour-qlora-8b", SLOW)
+def tour_qlora_8b() -> str:
+    return cli(f"""memtrace hf:LlamaConfig --model-kwargs '{LLAMA3_8B}' \\
+    --dtype bf16 --quantize nf4 --lora-r 16 --seq-len 2048 --batch-size 4 --amp bf16 --checkpoint \\
+    --optimizer paged_adamw8bit --gpu "RTX 4090" --no-levers""", first="At the peak", last="Fits RTX 4090")
+
+
+@example("tour-trainer", FAST)
+def tour_trainer() -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import memtrace.hf
+
+    with torch.device("meta"):  # a small LLaMA; a real one comes from from_pretrained(quantization_config=...)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
+                                             num_attention_heads=8, num_key_value_heads=4, vocab_size=32000))
+    model = memtrace.hf.qlora(model.to(torch.bfloat16), r=16)
+    args = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "bf16": True,
+            "gradient_checkpointing": True, "optim": "paged_adamw_8bit"}
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = memtrace.hf.report(model, args, seq_len=512, gpu="RTX 4090")
+    from memtrace.render import summary
+
+    return summary(report) + "\n"
+
+
 LLAMA3_70B = ('{"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, '
               '"num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192}')
 

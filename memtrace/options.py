@@ -386,6 +386,13 @@ def parse_options(
     from .datadep import SizePolicy
 
     SizePolicy(data_dependent)  # checked here, so that a bad policy fails before anything is traced
+    if (parallel is not None or compile not in (None, False)):
+        from .quantized import uses_bitsandbytes
+
+        if uses_bitsandbytes(model):
+            raise ValueError(f"{'parallel=' if parallel is not None else 'compile='} with bitsandbytes 4-bit weights "
+                             "is not predicted yet (FSDP-QLoRA's float quant_storage, Dynamo over bitsandbytes' "
+                             "ops); the single-GPU eager step is")
     from .parallel import parse_parallel
 
     spec = parse_parallel(parallel, world_size, model)
@@ -398,13 +405,6 @@ def parse_options(
     if compiled is not None and checkpointed:
         raise ValueError("compile= with checkpoint= is not predicted yet (checkpointed regions inside compiled "
                          "graphs are AOTAutograd's to partition); give one of them")
-    if (spec is not None or compiled is not None) and isinstance(model, torch.nn.Module):
-        from .quantized import uses_bitsandbytes
-
-        if uses_bitsandbytes(model):
-            raise ValueError(f"{'parallel=' if spec is not None else 'compile='} with bitsandbytes 4-bit weights is "
-                             "not predicted yet (FSDP-QLoRA's float quant_storage, Dynamo over bitsandbytes' ops); "
-                             "the single-GPU eager step is")
     return Options(
         inputs=specs,
         optimizer=opt_factory,
