@@ -55,6 +55,7 @@ def report(
     parallel: Any = None,
     world_size: int | None = None,
     compile: Any = None,
+    keep_output: bool = True,
 ) -> Report:
     """Predict the peak allocated memory of ``steps`` training iterations of ``model``.
 
@@ -97,6 +98,10 @@ def report(
     are one rank's micro-batch, and the report is the rank with the largest peak, listing the ranks that
     differ (``report.ranks``).
 
+    ``keep_output=False`` drops the model's output once the loss is computed, before backward, as the Hugging
+    Face Trainer's step does (by default it stays referenced through backward, as in
+    ``out = model(x); loss = loss_fn(out, y); loss.backward()``).
+
     ``checkpoint="auto"`` traces the step with the model's repeated blocks (the children of an
     ``nn.ModuleList`` or ``nn.Sequential`` of same-typed modules) under non-reentrant activation
     checkpointing; a list of module names checkpoints those modules instead.
@@ -130,7 +135,7 @@ def report(
         eager, input_shape=input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
         amp=amp, dtype=dtype, loss_fn=loss_fn, device=device, steps=steps, accumulation_steps=accumulation_steps,
         train=train, gpu=gpu, checkpoint=checkpoint, alloc_conf=alloc_conf, data_dependent=data_dependent,
-        parallel=parallel, world_size=world_size, compile=compile,
+        parallel=parallel, world_size=world_size, compile=compile, keep_output=keep_output,
     )
     result = replace(trace_step(model, eager, options).report(), source=(model, options))
     if verify and options.compile is not None:
@@ -139,13 +144,13 @@ def report(
         result = replace(result, measured=measure_compiled_cpu(
             eager, input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, amp=amp,
             dtype=dtype, loss_fn=loss_fn, steps=steps, accumulation_steps=accumulation_steps, train=train,
-            compile=compile))
+            compile=compile, keep_output=keep_output))
     elif verify:
         from .measure import measure
 
         result = replace(result, measured=measure(
             model, input_shape, inputs=inputs, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs, amp=amp,
             dtype=dtype, loss_fn=loss_fn, device=options.device, steps=steps, accumulation_steps=accumulation_steps,
-            train=train))
+            train=train, keep_output=keep_output))
     return result
 

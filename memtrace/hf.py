@@ -155,6 +155,7 @@ def report_arguments(model: torch.nn.Module, training_args, *, seq_len: int | No
         "accumulation_steps": args.gradient_accumulation_steps,
         "checkpoint": "auto" if checkpointing else None,
         "compile": True if args.torch_compile else None,
+        "keep_output": False,  # training_step keeps only the loss through backward
     }
 
 

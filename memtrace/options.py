@@ -166,6 +166,9 @@ class Options:
     data_dependent: Any = None  # how sizes and values that depend on tensor data are chosen (datadep.SizePolicy)
     parallel: Any = None  # parallel.Parallel: how the model is sharded across ranks; None: one GPU
     compile: Any = None  # the forward through torch.compile (compiled.backend): a dict of its settings; None: eager
+    # the model's output stays referenced through backward (``out = model(x); loss_fn(out).backward()``);
+    # False: the output dropped once the loss is computed, as the Hugging Face Trainer's training_step drops it
+    keep_output: bool = True
 
     @property
     def amp_name(self) -> str:
@@ -332,6 +335,7 @@ def parse_options(
     parallel: Any = None,
     world_size: Any = None,
     compile: Any = None,
+    keep_output: Any = True,
 ) -> Options:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model is a {type(model).__name__}, expected a torch.nn.Module")
@@ -377,6 +381,8 @@ def parse_options(
         raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an int >= 1")
     if not isinstance(train, bool):
         raise TypeError(f"train={train!r} must be True or False")
+    if not isinstance(keep_output, bool):
+        raise TypeError(f"keep_output={keep_output!r} must be True or False")
     if not train and accumulation_steps != 1:
         raise ValueError(f"accumulation_steps={accumulation_steps!r} given with train=False; it counts the "
                          "micro-batches of a training step")
@@ -424,6 +430,7 @@ def parse_options(
         data_dependent=data_dependent,
         parallel=spec,
         compile=compiled,
+        keep_output=keep_output,
     )
 
 

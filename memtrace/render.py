@@ -82,6 +82,7 @@ def header_lines(report) -> list[str]:
         f"amp {s['amp']}, dtype {s['dtype']}, {s['steps']} step(s)"
         + (f" of {s['accumulation_steps']} accumulated micro-batches" if s.get("accumulation_steps", 1) > 1 else "")
         + (", compiled (torch.compile, Inductor)" if s.get("compile") is not None else "")
+        + (", the output dropped before backward" if s.get("keep_output") is False else "")
         + (f"; inputs {inputs}" if inputs else ""),
     ]
 

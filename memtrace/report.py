@@ -244,6 +244,7 @@ def _settings(options: Options) -> dict[str, Any]:
         "checkpoint": list(options.checkpoint),
         "alloc_conf": options.alloc_conf,
         "compile": None if options.compile is None else dict(options.compile),
+        **({} if options.keep_output else {"keep_output": False}),
         "inputs": [
             {"key": s.key, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
             for s in options.inputs.specs

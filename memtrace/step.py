@@ -97,6 +97,8 @@ def run_steps(
                 loss = loss_fn(out, batch)
                 if micro_batches > 1 and isinstance(loss, torch.Tensor):
                     loss = loss / micro_batches
+                if not options.keep_output:  # the Trainer's step: of the output, only the loss through backward
+                    out = None
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                 raise LossError(f"loss_fn must return a scalar tensor, got {shape}")

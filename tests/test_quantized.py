@@ -212,8 +212,15 @@ def test_trainer_arguments_become_the_step():
     assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
     r = memtrace.hf.report(model, args, seq_len=64, device="cpu")
     direct = memtrace.report(model, inputs=token_batch(model), optimizer=kw["optimizer"], amp="bf16",
-                             accumulation_steps=2, checkpoint="auto", device="cpu")
+                             accumulation_steps=2, checkpoint="auto", device="cpu", keep_output=False)
     assert r.peak_bytes == direct.peak_bytes
+    # the Trainer's step keeps only the loss through backward: the output's bfloat16 logits [2, 64, 1000] and its
+    # loss before the division by the accumulation steps (4 B) are gone; the batch stays (the Trainer's loop
+    # holds every micro-batch of the step)
+    kept = memtrace.report(model, inputs=token_batch(model), optimizer=kw["optimizer"], amp="bf16",
+                           accumulation_steps=2, checkpoint="auto", device="cpu")
+    assert kept.peak_bytes - r.peak_bytes == 2 * 64 * 1000 * 2 + 4
+    assert r.settings["keep_output"] is False and "keep_output" not in kept.settings
     assert "paged AdamW 8-bit" in r.settings["optimizer"]
 
 
