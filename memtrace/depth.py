@@ -20,6 +20,7 @@ that store such a choice differ in their settings, and the stack is not spliced.
 from __future__ import annotations
 
 import copy
+import types
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -189,6 +190,17 @@ def with_depth(model: torch.nn.Module, path: str, depth: int) -> torch.nn.Module
     short = copy.copy(stack)
     short._modules = type(stack._modules)((str(i), stack._modules[str(i)]) for i in range(depth))
     parent._modules[parts[-1]] = short
+    # a method of a module on the way kept as an attribute (peft's PeftModel keeps the base model's
+    # prepare_inputs_for_generation) is bound to the copy, not to the whole model
+    copies = {id(model): root}
+    original, shallow = model, root
+    for part in parts:
+        original, shallow = original._modules[part], shallow._modules[part]
+        copies[id(original)] = shallow
+    for module in copies.values():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, types.MethodType) and id(value.__self__) in copies:
+                setattr(module, key, types.MethodType(value.__func__, copies[id(value.__self__)]))
     return root
 
 

@@ -580,17 +580,20 @@ def _upper_bound_note(choices) -> list[str]:
 
 
 def _mark_optimizer_states(tracker: StorageTracker, target: Target, optimizer: torch.optim.Optimizer):
-    """Classify each optimizer state tensor not classified yet; yields (parameter, its state's record)."""
+    """Classify each optimizer state tensor not classified yet; yields (parameter, its state's record), a state
+    tensor several parameters share (bitsandbytes' quantisation maps) with the first of them only."""
     inner = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer's: the rank's own optimizer
     if isinstance(inner, torch.optim.Optimizer):
         optimizer = inner
+    seen: set[int] = set()
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor):
                     rec = tracker.record_of(value)
-                    if rec is None or rec.birth is not None:
+                    if rec is None or rec.birth is not None or id(rec) in seen:
                         continue
+                    seen.add(id(rec))
                     rec.role = Category.OPTIMIZER_STATE
                     rec.host = target.host_resident(optimizer, group, key, value)
                     yield p, rec

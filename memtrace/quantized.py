@@ -1,10 +1,10 @@
-"""Weights quantized with bitsandbytes (QLoRA's 4-bit base model) on fake tensors.
+"""bitsandbytes on fake tensors: 4-bit weights (QLoRA's base model) and the 8-bit and paged optimizers.
 
 A 4-bit weight is a ``bitsandbytes.nn.Params4bit``: the packed values (two a byte, in ``quant_storage``) and a
 ``QuantState`` holding the block-wise statistics (float32 ``absmax`` per block of ``blocksize`` values; with
 double quantisation ``compress_statistics``, those absmax quantised again to uint8 with a float32 ``offset``
-and a second state of float32 absmax per 256 and the 256-entry dynamic code), and the 16-entry code of nf4 or
-fp4. ``Params4bit`` cannot wrap a fake tensor (both are tensor subclasses), so the fake copy is a fake tensor of
+and a second state of float32 absmax per 256 with its copy of the 256-entry dynamic map), and the 16-entry code
+of nf4 or fp4. ``Params4bit`` cannot wrap a fake tensor (both are tensor subclasses), so the fake copy is a fake tensor of
 a class of the same name (PEFT tells 4-bit weights by their class's name, for DoRA) carrying a fake
 ``QuantState``. A weight not quantised yet (``bnb_quantized=False``: a model built on the meta device and its
 Linears replaced, as ``transformers`` does for a ``BitsAndBytesConfig`` before it loads the checkpoint) is
@@ -20,7 +20,12 @@ is a rule per target, from bitsandbytes' own kernels (bitsandbytes 0.50, ``backe
   dequantised weight [N, K] in the input's dtype, then ``F.linear`` (cuBLAS), all freed when it returns;
   otherwise its fused kernel, which allocates the output only.
 - ``gemm_4bit`` on the CPU (``backends/default/ops.py``, ``_gemm_4bit_default_impl``): the same dequantise and
-  ``F.linear`` with PyTorch ops, run as they are.
+  ``F.linear`` with PyTorch ops, run as they are; so are the CPU optimizer updates (``backends/cpu/ops.py``).
+- the optimizer updates on CUDA update their state in place and allocate nothing, as the fake kernels do.
+
+bitsandbytes' optimizers keep 8-bit states as uint8 with float32 absmax per block of 256 (float32 states for
+parameters under ``min_8bit_size``); a paged optimizer's large states live in CUDA unified memory, outside what
+``max_memory_allocated`` counts (``prepare_optimizer``).
 """
 
 from __future__ import annotations
@@ -97,11 +102,13 @@ def fake_4bit(p, memo: dict, tracker, make, dtype: torch.dtype | None) -> torch.
     else:
         maps = bnb.functional.name2qmap
         with tracker.hidden():  # the float weight quantised on its way to the device is not the step's
-            if _DYNAMIC_MAP not in memo:  # one dynamic map on the device for every nested state (bnb caches it)
+            # bitsandbytes' cached dynamic map, whose values are computed on the host, stood in for by a tensor of
+            # its size; each nested state keeps a copy. The cache itself (1 KiB kept on the device once) is left out
+            if _DYNAMIC_MAP not in memo:
                 memo[_DYNAMIC_MAP] = torch.empty(_dynamic_map_size(True), dtype=torch.float32)
             weight = torch.empty(tuple(p.shape), dtype=dtype if dtype is not None and p.is_floating_point() else p.dtype)
             before = maps.get("dynamic", _NOT_SET)
-            maps["dynamic"] = memo[_DYNAMIC_MAP]  # its values are read on the host, which fake tensors cannot
+            maps["dynamic"] = memo[_DYNAMIC_MAP]
             try:
                 data, fake_state = bnb.functional.quantize_4bit(
                     weight, blocksize=p.blocksize, compress_statistics=p.compress_statistics,

@@ -335,3 +335,25 @@ def test_sharded_and_compiled_4bit_steps_are_refused():
         memtrace.report(TwoLinears(), (4, 256), parallel={"fsdp": 2}, device="cpu")
     with pytest.raises(ValueError, match="compile= with bitsandbytes 4-bit weights"):
         memtrace.report(TwoLinears(), (4, 256), compile=True, device="cpu")
+
+
+def test_a_qlora_stack_is_spliced_to_the_whole_trace(monkeypatch):
+    # peft keeps the base model's prepare_inputs_for_generation bound to it, and the 8-bit optimizer's maps are
+    # shared by every parameter's state: neither may tie the cut model to the whole one
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memtrace import depth
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=500))
+    model = memtrace.hf.qlora(model.to(torch.bfloat16), r=4)
+    kw = dict(inputs=token_batch(model, 2, 16), optimizer="paged_adamw8bit", amp="bf16", device="cuda")
+    monkeypatch.setattr(depth, "MIN_LAYERS", 5)
+    from memtrace.options import parse_options
+
+    options = parse_options(model, **kw)
+    stack = depth.find_stack(model, options)
+    assert stack is not None and stack.length == 6
+    spliced = depth.splice(model, options, stack)  # raises NoSplice where the traces do not line up
+    assert depth.difference(spliced, memtrace.engine.trace(model, options)) is None
