@@ -324,7 +324,12 @@ def prepare_optimizer(optimizer, tracker, target) -> None:
     ``PAGED_MIN_NUMEL`` values or more in CUDA unified memory (``F.get_paged``, cudaMallocManaged), outside
     PyTorch's caching allocator, so ``max_memory_allocated`` never counts it; on the CPU bitsandbytes falls
     back to ordinary tensors, as the fake run does."""
-    if target.name == "cpu" or not getattr(optimizer, "is_paged", False):
+    if not getattr(optimizer, "is_paged", False):
+        return
+    if target.name == "cpu":  # bitsandbytes runs it unpaged there (and warns, once per optimizer, that it does)
+        optimizer._cpu_paged_warned = True
+        tracker.note("Paged optimizer on the CPU: bitsandbytes keeps its states as ordinary tensors there, as "
+                     "predicted; on CUDA its large states would live in unified memory.")
         return
 
     def get_state_buffer(p, dtype=torch.float32):

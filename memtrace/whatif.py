@@ -85,9 +85,10 @@ def _qlora_setup(model: torch.nn.Module) -> torch.nn.Module:
     return qlora(model, r=16)
 
 
-def _fine_tuning_levers(model: torch.nn.Module, s: Mapping[str, Any], parallel: Any) -> list[tuple[str, dict]]:
-    """bitsandbytes' and peft's levers, where they import: an 8-bit AdamW and a paged one in place of Adam's
-    float32 state, and a full fine-tune as QLoRA (a 4-bit base with rank-16 adapters; it trains the adapters
+def _fine_tuning_levers(model: torch.nn.Module, s: Mapping[str, Any], parallel: Any,
+                        device: str) -> list[tuple[str, dict]]:
+    """bitsandbytes' and peft's levers, where they import: an 8-bit AdamW and on CUDA a paged one in place of
+    Adam's float32 state, and a full fine-tune as QLoRA (a 4-bit base with rank-16 adapters; it trains the adapters
     only)."""
     import importlib.util
 
@@ -97,8 +98,9 @@ def _fine_tuning_levers(model: torch.nn.Module, s: Mapping[str, Any], parallel: 
     if importlib.util.find_spec("bitsandbytes") is None:
         return out
     if s["optimizer"] in ("Adam", "AdamW"):
-        out += [("8-bit AdamW (bitsandbytes)", {"optimizer": "adamw8bit"}),
-                ("paged 8-bit AdamW (large states in unified memory)", {"optimizer": "paged_adamw8bit"})]
+        out.append(("8-bit AdamW (bitsandbytes)", {"optimizer": "adamw8bit"}))
+        if device == "cuda":  # unified memory is CUDA's: on the CPU bitsandbytes runs it unpaged
+            out.append(("paged 8-bit AdamW (large states in unified memory)", {"optimizer": "paged_adamw8bit"}))
     linears = any(type(m) is torch.nn.Linear for m in model.modules())
     trains_all = all(p.requires_grad for p in model.parameters())
     if (linears and trains_all and not quantized.uses_bitsandbytes(model) and parallel is None
@@ -243,7 +245,7 @@ def _candidates(model: torch.nn.Module, base: Report, options: Mapping[str, Any]
             out.append(("Adafactor (factored state)", {"optimizer": torch.optim.Adafactor}))
     if not s.get("checkpoint") and repeated_blocks(model):
         out.append(("activation checkpointing", {"checkpoint": "auto"}))
-    out += _fine_tuning_levers(model, s, options.get("parallel"))
+    out += _fine_tuning_levers(model, s, options.get("parallel"), base.device)
     parallel = options.get("parallel")
     if (compile_levers and s.get("compile") is None and parallel is None and not s.get("checkpoint")
             and TORCH_VERSION >= (2, 6)):
