@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import sys
-import warnings
 from typing import Any, Sequence
 
 import torch
@@ -468,11 +467,9 @@ def _fine_tuned(args, built):
         model = model.to(args.dtype)
         args.dtype = None
     try:
-        with warnings.catch_warnings():  # peft asks transformers for attributes each release renames
-            warnings.simplefilter("ignore", FutureWarning)
-            module = qlora(model, bits=4 if args.quantize else 16, quant_type=args.quantize or "nf4",
-                           double_quant=not args.no_double_quant, r=args.lora_r, targets=targets,
-                           dora=args.dora, prepare=args.prepare_kbit)
+        module = qlora(model, bits=4 if args.quantize else 16, quant_type=args.quantize or "nf4",
+                       double_quant=not args.no_double_quant, r=args.lora_r, targets=targets, dora=args.dora,
+                       prepare=args.prepare_kbit)
     except ImportError as exc:
         raise UsageError(f"--quantize, --prepare-kbit and --lora-r need bitsandbytes and peft ({exc}); "
                          "pip install bitsandbytes peft") from None

@@ -240,15 +240,19 @@ def qlora(model: torch.nn.Module, *, bits: int = 4, quant_type: str = "nf4", dou
     elif bits != 16:
         raise ValueError(f"bits={bits!r}: 4 (bitsandbytes 4-bit) or 16 (the weights as they are); 8-bit base "
                          "weights are not predicted yet")
-    if prepare:
-        import peft
+    import warnings
 
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if r is not None:
-        import peft
+    with warnings.catch_warnings():  # peft asks transformers for attributes each release renames
+        warnings.simplefilter("ignore", FutureWarning)
+        if prepare:
+            import peft
 
-        config = peft.LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
-                                 target_modules=targets, use_dora=dora,
-                                 task_type="CAUSAL_LM" if hasattr(model, "get_output_embeddings") else None)
-        model = peft.get_peft_model(model, config)
+            model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if r is not None:
+            import peft
+
+            config = peft.LoraConfig(r=r, lora_alpha=alpha if alpha is not None else 2 * r, lora_dropout=dropout,
+                                     target_modules=targets, use_dora=dora,
+                                     task_type="CAUSAL_LM" if hasattr(model, "get_output_embeddings") else None)
+            model = peft.get_peft_model(model, config)
     return model

@@ -101,7 +101,8 @@ def _fine_tuning_levers(model: torch.nn.Module, s: Mapping[str, Any], parallel: 
         out.append(("8-bit AdamW (bitsandbytes)", {"optimizer": "adamw8bit"}))
         if device == "cuda":  # unified memory is CUDA's: on the CPU bitsandbytes runs it unpaged
             out.append(("paged 8-bit AdamW (large states in unified memory)", {"optimizer": "paged_adamw8bit"}))
-    linears = any(type(m) is torch.nn.Linear for m in model.modules())
+    linears = any(type(m) is torch.nn.Linear and name.rsplit(".", 1)[-1] != "lm_head"
+                  for name, m in model.named_modules())  # what quantize_4bit replaces (GPT-2's are Conv1D)
     trains_all = all(p.requires_grad for p in model.parameters())
     if (linears and trains_all and not quantized.uses_bitsandbytes(model) and parallel is None
             and importlib.util.find_spec("peft") is not None and hasattr(model, "get_output_embeddings")):
@@ -337,7 +338,13 @@ def levers(model: torch.nn.Module, input_shape: Any = None, *, inputs: Any = Non
     candidates, failed = [], []
     for label, overrides in _candidates(model, base, options, compile_levers):
         try:
-            r = report(_set_up(model, overrides), **batched.at(batched.batch_size), **_apply(options, overrides))
+            lever_model = _set_up(model, overrides)
+        except Exception as exc:  # the model cannot be set up so (peft has no rule for its layers, say)
+            failed.append((label, f"setting the model up failed: {type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"))
+            continue
+        try:
+            r = report(lever_model, **batched.at(batched.batch_size), **_apply(options, overrides))
         except TraceError as exc:  # the step with this lever fails (tensor parallel with fused AdamW, say)
             failed.append((label, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
             continue

@@ -357,3 +357,20 @@ def test_a_qlora_stack_is_spliced_to_the_whole_trace(monkeypatch):
     assert stack is not None and stack.length == 6
     spliced = depth.splice(model, options, stack)  # raises NoSplice where the traces do not line up
     assert depth.difference(spliced, memtrace.engine.trace(model, options)) is None
+
+
+def test_fine_tuning_levers_are_offered_where_they_apply():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from memtrace.whatif import _fine_tuning_levers
+
+    with torch.device("meta"):
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100))
+    labels = [label for label, _ in _fine_tuning_levers(qlora_base(), {"optimizer": "AdamW"}, None, "cuda")]
+    assert labels == ["8-bit AdamW (bitsandbytes)", "paged 8-bit AdamW (large states in unified memory)",
+                      "QLoRA: 4-bit base + LoRA r=16 (adapters only)"]
+    # GPT-2's layers are Conv1D (its one Linear is the output head, which stays unquantised); on the CPU nothing
+    # is paged; SGD has no state to shrink; a model trained already as LoRA is not set up again
+    assert [label for label, _ in _fine_tuning_levers(gpt2, {"optimizer": "AdamW"}, None, "cpu")] == [
+        "8-bit AdamW (bitsandbytes)"]
+    assert _fine_tuning_levers(qlora_llama(meta=True), {"optimizer": "SGD"}, None, "cuda") == []
