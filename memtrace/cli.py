@@ -490,9 +490,6 @@ def _quiet_library(built):
 def _predict(args, built) -> int:
     import memtrace
 
-    from .gpus import DEFAULT_GPU, lookup, present
-    from .units import format_bytes
-
     if args.trainer_args is not None:
         return _predict_trainer(args, built)
     inputs = _inputs(args, built)
@@ -521,13 +518,28 @@ def _predict(args, built) -> int:
     except (ValueError, TypeError) as exc:  # an argument memtrace.report refused: a usage error
         raise UsageError(str(exc)) from None
 
-    gpu = None
-    if args.device == "cuda":  # the card the prediction was made for
-        gpu = args.gpu or (present() if args.verify else lookup(DEFAULT_GPU))
+    gpu = _card(args)
     from .planning import progress
 
     with progress(sys.stderr) if sys.stderr.isatty() else contextlib.nullcontext():
         answers = _answers(args, built.module, inputs, options, report, gpu)
+    return _show(args, report, gpu, answers)
+
+
+def _card(args):
+    """The card a CUDA prediction was made for; None for the CPU."""
+    from .gpus import DEFAULT_GPU, lookup, present
+
+    if args.device != "cuda":
+        return None
+    return args.gpu or (present() if args.verify else lookup(DEFAULT_GPU))
+
+
+def _show(args, report, gpu, answers) -> int:
+    """Prints the report and the answers as --format asks, says where files were written, and returns the exit
+    status: over --budget, or not."""
+    from .units import format_bytes
+
     if args.plot:
         report.plot(args.plot)
     if args.snapshot:
@@ -556,8 +568,6 @@ def _predict_trainer(args, built) -> int:
     """--trainer-args: the Trainer's step from its arguments (memtrace.hf), printed as a report."""
     import memtrace.hf
 
-    from .gpus import DEFAULT_GPU, lookup
-
     given = [flag for flag, value in (("--batch-size", args.batch_size), ("--amp", args.amp != "off"),
                                       ("--optimizer", args.optimizer != "adam"), ("--checkpoint", args.checkpoint),
                                       ("--accumulation-steps", args.accumulation_steps != 1),
@@ -578,18 +588,7 @@ def _predict_trainer(args, built) -> int:
                                     device=args.device, steps=args.steps, gpu=args.gpu, verify=args.verify)
     except (ValueError, TypeError, OSError) as exc:
         raise UsageError(str(exc)) from None
-    gpu = (args.gpu or lookup(DEFAULT_GPU)) if args.device == "cuda" else None
-    if args.format == "json":
-        print(json.dumps(report.to_dict(allocations=args.allocations), indent=2))
-    else:
-        print(render(report, gpu, args, {}))
-    if args.budget is not None and report.peak_bytes > args.budget:
-        from .units import format_bytes
-
-        print(f"memtrace: predicted peak {format_bytes(report.peak_bytes)} is over the budget of "
-              f"{format_bytes(args.budget)} by {format_bytes(report.peak_bytes - args.budget)}", file=sys.stderr)
-        return EXIT_OVER_BUDGET
-    return EXIT_OK
+    return _show(args, report, _card(args), {})
 
 
 def _parallel(args) -> dict | None:

@@ -456,12 +456,13 @@ def _trace(model: torch.nn.Module, options: Options, mesh, graph=None) -> Trace:
         name_of = {id(p): n for n, p in params.items()}
         tracker.param_module = owner
         param_records = {n: tracker.record_of(p) for n, p in params.items()}
+        param_owner = {n: owner[id(p)] for n, p in params.items()}
         held = {id(r) for r in param_records.values()}
         for n, p in params.items():  # a 4-bit weight's statistics are held with it (a code shared once)
             for stat, t in quantized.statistics(n, p):
                 rec = tracker.record_of(t)
                 if rec is not None and id(rec) not in held:
-                    param_records[stat] = rec
+                    param_records[stat], param_owner[stat] = rec, owner[id(p)]
                     held.add(id(rec))
 
         def note_gradient(name: str, grad: torch.Tensor) -> None:
@@ -556,8 +557,7 @@ def _trace(model: torch.nn.Module, options: Options, mesh, graph=None) -> Trace:
     return Trace(
         target=target, records=tracker.records, events=tracker.events, event_ops=tracker.event_ops,
         phase_starts=phase_starts, modules=infos, param_records=param_records, grad_records=grad_records,
-        state_records=state_records, param_owner={n: owner[id(p)] for n, p in params.items()} | {
-            stat: owner[id(p)] for n, p in params.items() for stat, _ in quantized.statistics(n, p) if stat in param_records},
+        state_records=state_records, param_owner=param_owner,
         assumptions=tracker.assumptions, op_count=tracker.op_count, flops=flops.counts,
         notes=tuple(about + tracker.notes + _upper_bound_note(tracker.assumptions)), shard_layout=tuple(shard_layout),
         rank_keys=rank_keys, sized=tuple(tracker.sized), free_modules=tracker.free_modules,

@@ -165,7 +165,6 @@ def report(trainer_or_model, training_args=None, *, seq_len: int | None = None, 
     seq_len=2048)``. ``overrides`` go to ``memtrace.report`` after the arguments read from the Trainer's
     (``device``, ``gpu``, ``steps``, ``verify``, or any of those to change)."""
     model, args = _model_and_args(trainer_or_model, training_args)
-    args = training_arguments(args)
     from . import report as memtrace_report
 
     kwargs = report_arguments(model, args, seq_len=seq_len, inputs=inputs)

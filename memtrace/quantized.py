@@ -58,16 +58,18 @@ def _fake_params4bit_class():
     return type("Params4bit", (FakeTensor,), {"__module__": __name__, "__qualname__": "Params4bit"})
 
 
-def _state_tensors(state) -> list[torch.Tensor]:
-    """The tensors of a bitsandbytes QuantState, nested state included, in the order quantize_4bit makes them."""
-    out = []
-    for name in ("absmax", "code", "offset"):
-        t = getattr(state, name, None)
-        if isinstance(t, torch.Tensor):
-            out.append(t)
+# a QuantState's tensors, with the names bitsandbytes gives them in a state dict (a nested state's prefixed)
+_FIELDS = (("absmax", "absmax"), ("code", "quant_map"), ("offset", "offset"))
+
+
+def _state_tensors(state, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a bitsandbytes QuantState, nested state included, as (name, tensor), in the order
+    quantize_4bit makes them."""
+    out = [(prefix + label, getattr(state, field)) for field, label in _FIELDS
+           if isinstance(getattr(state, field, None), torch.Tensor)]
     nested = getattr(state, "state2", None)
     if nested is not None:
-        out += _state_tensors(nested)
+        out += _state_tensors(nested, "nested_")
     return out
 
 
@@ -77,12 +79,12 @@ def _fake_state(state, memo: dict, make):
         return memo[id(state)]
     fake = copy.copy(state)
     memo[id(state)] = fake
-    for name in ("absmax", "code", "offset"):
-        t = getattr(state, name, None)
+    for field, _ in _FIELDS:
+        t = getattr(state, field, None)
         if isinstance(t, torch.Tensor):
             if id(t) not in memo:
                 memo[id(t)] = make(t)
-            setattr(fake, name, memo[id(t)])
+            setattr(fake, field, memo[id(t)])
     nested = getattr(state, "state2", None)
     if nested is not None:
         fake.state2 = _fake_state(nested, memo, make)
@@ -118,7 +120,8 @@ def fake_4bit(p, memo: dict, tracker, make, dtype: torch.dtype | None) -> torch.
                     del maps["dynamic"]
                 else:
                     maps["dynamic"] = before
-        for t in _state_tensors(fake_state)[:1] + [data] + _state_tensors(fake_state)[1:]:
+        stats = [t for _, t in _state_tensors(fake_state)]
+        for t in stats[:1] + [data] + stats[1:]:  # the absmax, then the packed values, then the rest
             tracker.adopt(t, Category.PARAMETER, "bitsandbytes quantize_4bit")
         if state is not None:
             memo[id(state)] = fake_state
@@ -360,18 +363,7 @@ def statistics(name: str, p) -> list[tuple[str, torch.Tensor]]:
     ``...nested_absmax``), each tensor once."""
     if not is_4bit(p) or getattr(p, "quant_state", None) is None:
         return []
-    state, out = p.quant_state, []
-    for field, label in (("absmax", "absmax"), ("code", "quant_map"), ("offset", "offset")):
-        t = getattr(state, field, None)
-        if isinstance(t, torch.Tensor):
-            out.append((f"{name}.{label}", t))
-    nested = getattr(state, "state2", None)
-    if nested is not None:
-        for field, label in (("absmax", "nested_absmax"), ("code", "nested_quant_map")):
-            t = getattr(nested, field, None)
-            if isinstance(t, torch.Tensor):
-                out.append((f"{name}.{label}", t))
-    return out
+    return [(f"{name}.{label}", t) for label, t in _state_tensors(p.quant_state)]
 
 
 def quantize_4bit(model: torch.nn.Module, *, quant_type: str = "nf4", double_quant: bool = True,
