@@ -20,6 +20,7 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from . import cpu_convolution
 from .allocator import ExactAllocator, cuda_allocator
 from .autocast import autocast_dtype, cast, cuda_autocast
 from .cuda_reduce import reduce_launches
@@ -101,6 +102,17 @@ class FunctionRules(TorchFunctionMode):
 
 
 CPU_RULES = RuleSet("cpu")  # the fake CPU run is the CPU run: the CPU kernels' own choices apply
+
+
+@CPU_RULES.op(torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+def _cpu_convolution_buffers(tracker, func, args, kwargs):
+    # the buffers oneDNN allocates and frees inside a convolution, read from the kernel itself
+    # (memtrace/cpu_convolution.py)
+    out = func(*args, **kwargs)
+    if not kwargs:
+        cpu_convolution.replay(tracker, func, args, out)
+    return out
+
 
 CUDA_RULES = RuleSet("cuda")
 

@@ -76,17 +76,20 @@ def test_mlp_inference_exact(steps):
     assert set(measured.peak_by_phase) == {"setup", "forward"}
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_cnn_with_batchnorm_within_2_percent(optimizer):
-    # Measured on this machine: 64 B short of 1.19 MB (0.005 %). The tracer cannot see oneDNN's scratch
-    # inside convolution backward (two blocks of ~2x the conv output, allocated and freed within the op).
-    # At this size (8 channels, 8x3x32x32) the peak is in the second ReLU's backward, outside any conv, so
-    # the scratch does not reach it; on tiny inputs (4 channels, 16x16) it does and the gap is 10-28 %.
-    # 2 % leaves room for other oneDNN ISAs choosing bigger scratch or blocked layouts. (Under CPU autocast
-    # the convolutions take the slow im2col path instead, whose scratch makes the gap ~22 %: not tested.)
-    predicted, measured = compare(make_cnn(channels=8, hw=32), (8, 3, 32, 32), optimizer=optimizer)
+@pytest.mark.parametrize("kwargs", [
+    pytest.param(dict(optimizer="sgd"), id="sgd"),
+    pytest.param(dict(optimizer="adam"), id="adam"),
+    # under CPU autocast the convolutions take PyTorch's im2col kernels, whose column buffers were 22 % of
+    # the peak before the CPU convolution buffers were read from the kernels
+    pytest.param(dict(optimizer="sgd", amp="bf16"), id="sgd-amp-bf16"),
+])
+def test_cnn_with_batchnorm_within_64_bytes(kwargs):
+    # oneDNN's buffers inside each convolution are read from the kernel (memtrace/cpu_convolution.py);
+    # what remains is 32-64 B at the peak, made in batch norm's backward and the bias gradient's sum, not
+    # traced further
+    predicted, measured = compare(make_cnn(channels=8, hw=32), (8, 3, 32, 32), **kwargs)
     gap = measured.peak_bytes - predicted.peak_bytes
-    assert 0 <= gap <= 0.02 * measured.peak_bytes, (predicted.peak_bytes, measured.peak_bytes)
+    assert 0 <= gap <= 64, (predicted.peak_bytes, measured.peak_bytes)
     assert predicted.peak.phase.value == peak_phase(measured) == "backward"
 
 
