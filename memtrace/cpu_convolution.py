@@ -47,6 +47,12 @@ UNREAD_NOTE = (
     "the prediction, which can be under the real peak by up to a few copies of such a convolution's input "
     "and weight.")
 
+TOO_LARGE_NOTE = (
+    "CPU convolutions: the buffers of convolutions with over 1 GiB of tensors or 25 billion multiply-adds "
+    "were not read from their kernels (memtrace runs a convolution for real to read them, and does not run "
+    "one that large); they are not in the prediction, which can be under the real peak by a few copies of "
+    "such a convolution's input and weight (1-2% on ResNets).")
+
 LABEL = "CPU convolution buffer (read from the kernel)"
 
 # (op, what the kernel sees, threads) -> _Plan or None; kept for the process
@@ -172,6 +178,25 @@ def _silent_fd2():
         os.close(devnull)
 
 
+# the largest convolution run for real: its tensors' bytes, and multiply-adds of the forward (a backward
+# does about twice the work); one at the limits takes seconds on a few cores and a GiB or two of memory
+MAX_BYTES = 1 << 30
+MAX_MACS = 25 * 10**9
+
+
+def _too_large(func, args, out) -> bool:
+    outputs = out if isinstance(out, (tuple, list)) else (out,)
+    nbytes = sum(t.numel() * t.element_size() for t in (*args, *outputs) if isinstance(t, torch.Tensor))
+    if func is torch.ops.aten.convolution.default:
+        x, weight, y, transposed = args[0], args[1], out, args[6]
+    else:
+        y, x, weight, transposed = args[0], args[1], args[2], args[7]
+    # each output element takes weight[0].numel() = C_in / groups x kernel multiply-adds; transposed, the
+    # weight is (C_in, C_out / groups, kernel) and each input element takes as many
+    macs = (x if transposed else y).numel() * weight[0].numel()
+    return nbytes > MAX_BYTES or macs > MAX_MACS
+
+
 def convolution_plan(func, args) -> _Plan | None:
     """The allocations the real CPU kernel makes inside ``func(*args)`` (see the module docstring), or None
     when they cannot be read."""
@@ -184,6 +209,9 @@ def convolution_plan(func, args) -> _Plan | None:
 
 def replay(tracker, func, args, out) -> None:
     """Makes the kernel's own allocations around ``func``'s outputs ``out``, in the real order."""
+    if _too_large(func, args, out):
+        tracker.note(TOO_LARGE_NOTE)
+        return
     plan = convolution_plan(func, args)
     if plan is None:
         tracker.note(UNREAD_NOTE)

@@ -78,3 +78,12 @@ def test_kernels_are_run_once_per_distinct_convolution(monkeypatch):
     # the first convolution's input needs no gradient, the others' do: two forward kernels, two backward
     assert sorted(f.__name__ for f in runs) == ["convolution.default", "convolution.default",
                                                 "convolution_backward.default", "convolution_backward.default"]
+
+
+def test_a_convolution_too_large_to_run_is_said(monkeypatch):
+    monkeypatch.setattr(cpu_convolution, "_RUNS", {})
+    monkeypatch.setattr(cpu_convolution, "MAX_MACS", 0)
+    r = memtrace.report(strided_and_depthwise(), (12, 3, 32, 32), optimizer="sgd", device="cpu")
+    assert cpu_convolution.TOO_LARGE_NOTE in r.notes
+    measured = measure_cpu(strided_and_depthwise(), (12, 3, 32, 32), optimizer="sgd")
+    assert r.peak_bytes < measured.peak_bytes
