@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from . import cpu_convolution
+from . import cpu_kernels
 from .allocator import ExactAllocator, cuda_allocator
 from .autocast import autocast_dtype, cast, cuda_autocast
 from .cuda_reduce import reduce_launches
@@ -105,13 +105,21 @@ CPU_RULES = RuleSet("cpu")  # the fake CPU run is the CPU run: the CPU kernels' 
 
 
 @CPU_RULES.op(torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
-def _cpu_convolution_buffers(tracker, func, args, kwargs):
+def _cpu_kernels_buffers(tracker, func, args, kwargs):
     # the buffers oneDNN allocates and frees inside a convolution, read from the kernel itself
-    # (memtrace/cpu_convolution.py)
+    # (memtrace/cpu_kernels.py)
     out = func(*args, **kwargs)
     if not kwargs:
-        cpu_convolution.replay(tracker, func, args, out)
+        cpu_kernels.replay(tracker, func, args, out)
     return out
+
+
+@CPU_RULES.op(torch.ops.aten.mkldnn_rnn_layer.default, torch.ops.aten.mkldnn_rnn_layer_backward.default)
+def _cpu_recurrent_workspace(tracker, func, args, kwargs):
+    # the fake kernel returns oneDNN's workspace empty; the real one is read from the kernel
+    # (memtrace/cpu_kernels.py)
+    out = func(*args, **kwargs)
+    return out if kwargs else cpu_kernels.replay_recurrent(tracker, func, args, out)
 
 
 CUDA_RULES = RuleSet("cuda")

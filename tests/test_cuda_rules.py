@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 import memtrace
 from memtrace import Category, Phase, TraceError
-from memtrace import cpu_convolution, targets
+from memtrace import cpu_kernels, targets
 from memtrace.cuda_reduce import reduce_launches, reduce_scratch_bytes
 from memtrace.targets import TORCH_VERSION, cuda_sdp_backend
 
@@ -364,7 +364,7 @@ def test_no_cublas_workspace_without_gemm_or_on_cpu():
     # on the CPU the only workspaces are the buffers convolution kernels allocate inside the op
     ops = {a.op for a in memtrace.report(conv, (2, 3, 8, 8), device="cpu").allocations
            if a.category is Category.WORKSPACE}
-    assert ops <= {cpu_convolution.LABEL}
+    assert ops <= {cpu_kernels.LABEL}
 
 
 def test_cudnn_workspace_estimate():
@@ -547,7 +547,7 @@ def test_convolutions_and_recurrent_layers_say_what_is_left_out():
     assert not any("cuDNN" in n for n in mlp.notes)
     # on the CPU the convolution's buffers are read from its kernel, and the recurrent layer is the real one
     cpu = memtrace.report(ConvGRU(), (2, 3, 8, 8), optimizer="sgd", device="cpu", steps=1)
-    assert cpu.notes == (cpu_convolution.NOTE.format(threads=torch.get_num_threads()),)
+    assert cpu.notes == (cpu_kernels.NOTE.format(threads=torch.get_num_threads()),)
 
 
 def test_flash_on_hopper_says_cudnn_attention_may_run_instead():

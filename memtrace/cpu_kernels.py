@@ -62,9 +62,11 @@ _RUNS: dict[tuple, _Plan | None] = {}
 @dataclass(frozen=True)
 class _Plan:
     """One op's allocations in order: ("alloc", bytes) for a buffer freed inside the op, ("free", k) for
-    the free of the k-th such buffer, ("output", i) where the i-th output tensor is allocated."""
+    the free of the k-th such buffer, ("output", i) where the i-th output tensor is allocated; and each
+    output's bytes (None where it is not a tensor)."""
 
     steps: tuple[tuple[str, int], ...]
+    output_bytes: tuple[int | None, ...] = ()
 
 
 def _signature(args) -> tuple:
@@ -125,16 +127,15 @@ def _run(func, signature, threads: int) -> _Plan | None:
         events.sort(key=lambda e: (e[0], e[1]))  # an allocation before a free of the same instant
         # addresses are reused (a buffer freed early and the output allocated at its address), so an output
         # is the allocation at its address that is still live when the op has returned
-        allocations: list[list] = []  # [size, ptr, freed]
+        allocations: list[tuple[int, int]] = []  # (size, ptr)
         order: list[tuple[str, int]] = []  # ("alloc", allocation) / ("free", allocation)
         live: dict[int, int] = {}
         for _, _, size, ptr in events:
             if size > 0:
                 live[ptr] = len(allocations)
                 order.append(("alloc", len(allocations)))
-                allocations.append([size, ptr, False])
+                allocations.append((size, ptr))
             elif ptr in live:
-                allocations[live[ptr]][2] = True
                 order.append(("free", live.pop(ptr)))
         kept = {a for a in live.values() if allocations[a][1] in owners}
         if len(kept) != len(live):  # a buffer the op kept past its return that is not an output: not understood
@@ -149,7 +150,8 @@ def _run(func, signature, threads: int) -> _Plan | None:
             else:
                 buffer[a] = len(buffer)
                 steps.append(("alloc", allocations[a][0]))
-        result[0] = _Plan(tuple(steps))
+        result[0] = _Plan(tuple(steps), tuple(t.untyped_storage().nbytes() if isinstance(t, torch.Tensor) else None
+                                              for t in outputs))
 
     def guarded():
         try:
@@ -197,7 +199,7 @@ def _too_large(func, args, out) -> bool:
     return nbytes > MAX_BYTES or macs > MAX_MACS
 
 
-def convolution_plan(func, args) -> _Plan | None:
+def kernel_plan(func, args) -> _Plan | None:
     """The allocations the real CPU kernel makes inside ``func(*args)`` (see the module docstring), or None
     when they cannot be read."""
     sig = _signature(args)
@@ -212,12 +214,15 @@ def replay(tracker, func, args, out) -> None:
     if _too_large(func, args, out):
         tracker.note(TOO_LARGE_NOTE)
         return
-    plan = convolution_plan(func, args)
+    plan = kernel_plan(func, args)
     if plan is None:
         tracker.note(UNREAD_NOTE)
         return
     tracker.note(NOTE.format(threads=torch.get_num_threads()))
-    outputs = out if isinstance(out, (tuple, list)) else (out,)
+    _replay(tracker, func, plan, out if isinstance(out, (tuple, list)) else (out,))
+
+
+def _replay(tracker, func, plan: _Plan, outputs) -> None:
     frees = []
     for kind, value in plan.steps:
         if kind == "alloc":
@@ -226,3 +231,36 @@ def replay(tracker, func, args, out) -> None:
             frees[value]()
         elif value < len(outputs) and isinstance(outputs[value], torch.Tensor):
             tracker.record_outputs(outputs[value], func)
+
+
+RNN_NOTE = (
+    "CPU recurrent layers: oneDNN's workspace, which each LSTM/GRU layer's forward returns and keeps for its "
+    "backward, and the buffers the layer allocates inside its kernels, were read from the kernels on this "
+    "machine (each distinct layer and its backward run once for real on zero-filled tensors of the traced "
+    "shapes, under the profiler); PyTorch's fake kernel returns an empty workspace.")
+
+RNN_UNREAD_NOTE = (
+    "CPU recurrent layers: oneDNN's workspace, which each LSTM/GRU layer's forward keeps for its backward, "
+    "could not be read from the kernel here (the layer failed to run, or was over 1 GiB of tensors); PyTorch's "
+    "fake kernel returns it empty, so the prediction is under the real peak by that workspace (about 30 MiB "
+    "per layer of 512 units over 8 x 128 tokens).")
+
+
+def replay_recurrent(tracker, func, args, out):
+    """``mkldnn_rnn_layer`` and its backward: the real workspace in place of the fake kernel's empty one
+    (a 1-D byte tensor, the forward's last output), and the kernel's own allocations around the outputs.
+    Returns the outputs to use."""
+    outputs = list(out)
+    nbytes = sum(t.numel() * t.element_size() for t in (*args, *outputs) if isinstance(t, torch.Tensor))
+    plan = None if nbytes > MAX_BYTES else kernel_plan(func, args)
+    if plan is None or len(plan.output_bytes) != len(outputs):
+        if func is torch.ops.aten.mkldnn_rnn_layer.default:
+            tracker.note(RNN_UNREAD_NOTE)
+        return out
+    tracker.note(RNN_NOTE)
+    for i, (t, real) in enumerate(zip(outputs, plan.output_bytes)):
+        if isinstance(t, torch.Tensor) and real is not None and t.dim() == 1 and t.dtype == torch.uint8 \
+                and t.numel() != real:
+            outputs[i] = torch.empty(real, dtype=torch.uint8, device=t.device)
+    _replay(tracker, func, plan, outputs)
+    return type(out)(outputs)
