@@ -29,6 +29,7 @@ and the layer's own buffers.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -164,7 +165,7 @@ def _run(func, signature, threads: int) -> _Plan | None:
         except Exception:  # the kernel refused these shapes here, or the profiler is busy: no plan
             pass
 
-    worker = threading.Thread(target=guarded, name="memtrace-cpu-convolution")
+    worker = threading.Thread(target=guarded, name="memtrace-cpu-kernel")
     with _silent_fd2():  # the profiler's C++ side logs every session start and stop to fd 2
         worker.start()
         worker.join()
@@ -198,9 +199,9 @@ def _too_large(func, args, out) -> bool:
         x, weight, y, transposed = args[0], args[1], out, args[6]
     else:
         y, x, weight, transposed = args[0], args[1], args[2], args[7]
-    # each output element takes weight[0].numel() = C_in / groups x kernel multiply-adds; transposed, the
-    # weight is (C_in, C_out / groups, kernel) and each input element takes as many
-    macs = (x if transposed else y).numel() * weight[0].numel()
+    # each output element takes C_in / groups x kernel multiply-adds (the weight's size over its first
+    # dimension); transposed, the weight is (C_in, C_out / groups, kernel) and each input element takes as many
+    macs = (x if transposed else y).numel() * math.prod(weight.shape[1:])
     return nbytes > MAX_BYTES or macs > MAX_MACS
 
 

@@ -105,7 +105,7 @@ CPU_RULES = RuleSet("cpu")  # the fake CPU run is the CPU run: the CPU kernels' 
 
 
 @CPU_RULES.op(torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
-def _cpu_kernels_buffers(tracker, func, args, kwargs):
+def _cpu_convolution_buffers(tracker, func, args, kwargs):
     # the buffers oneDNN allocates and frees inside a convolution, read from the kernel itself
     # (memtrace/cpu_kernels.py)
     out = func(*args, **kwargs)
