@@ -193,16 +193,21 @@ MAX_MACS = 25 * 10**9
 
 
 def _too_large(func, args, out) -> bool:
+    """Whether the op is larger than memtrace runs for real: over MAX_BYTES of tensors, or for a
+    convolution over MAX_MACS multiply-adds."""
     outputs = out if isinstance(out, (tuple, list)) else (out,)
     nbytes = sum(t.numel() * t.element_size() for t in (*args, *outputs) if isinstance(t, torch.Tensor))
+    if nbytes > MAX_BYTES:
+        return True
     if func is torch.ops.aten.convolution.default:
         x, weight, y, transposed = args[0], args[1], out, args[6]
-    else:
+    elif func is torch.ops.aten.convolution_backward.default:
         y, x, weight, transposed = args[0], args[1], args[2], args[7]
+    else:
+        return False
     # each output element takes C_in / groups x kernel multiply-adds (the weight's size over its first
     # dimension); transposed, the weight is (C_in, C_out / groups, kernel) and each input element takes as many
-    macs = (x if transposed else y).numel() * math.prod(weight.shape[1:])
-    return nbytes > MAX_BYTES or macs > MAX_MACS
+    return (x if transposed else y).numel() * math.prod(weight.shape[1:]) > MAX_MACS
 
 
 def kernel_plan(func, args) -> _Plan | None:
@@ -260,8 +265,7 @@ def replay_recurrent(tracker, func, args, out):
     (a 1-D byte tensor, the forward's last output), and the kernel's own allocations around the outputs.
     Returns the outputs to use."""
     outputs = list(out)
-    nbytes = sum(t.numel() * t.element_size() for t in (*args, *outputs) if isinstance(t, torch.Tensor))
-    plan = None if nbytes > MAX_BYTES else kernel_plan(func, args)
+    plan = None if _too_large(func, args, outputs) else kernel_plan(func, args)
     if plan is None or len(plan.output_bytes) != len(outputs):
         if func is torch.ops.aten.mkldnn_rnn_layer.default:
             tracker.note(RNN_UNREAD_NOTE)
